@@ -1,0 +1,53 @@
+"""Shared reporting for benchmarks: machine, versions, medians and spread over repeats."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import torch
+
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores, torch threads {threads}, {platform.platform()}"
+
+
+def versions() -> str:
+    import numpy
+    import PIL
+    import torch
+    import torchvision
+
+    import deepimage
+
+    return (
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}, numpy {numpy.__version__}, "
+        f"pillow {PIL.__version__}, deepimage {deepimage.__version__}"
+    )
+
+
+def spread(values: list[float]) -> str:
+    """Median and range of repeated measurements, e.g. '123.4 (min 120.1, max 130.2, n=5)'."""
+    return (
+        f"{statistics.median(values):.1f} "
+        f"(min {min(values):.1f}, max {max(values):.1f}, n={len(values)})"
+    )
+
+
+def header(title: str) -> None:
+    print(f"# {title}")
+    print(f"machine : {machine()}")
+    print(f"versions: {versions()}")

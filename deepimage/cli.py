@@ -1,0 +1,263 @@
+"""The ``deepimage`` command line: parses flags, builds typed config, calls the library.
+
+Sub-commands: demo, prepare, train, evaluate, predict. Errors a user can fix (bad flags,
+config keys, data paths, checkpoints) end with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from deepimage import __version__
+from deepimage.config import ConfigError, TrainConfig
+
+logger = logging.getLogger("deepimage.cli")
+
+S = argparse.SUPPRESS
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that override config keys; unset flags leave the config file's values alone."""
+    p.add_argument("--config", help="YAML file of config keys (flags override it)")
+    p.add_argument("--data", default=S, help="ImageFolder directory, CSV manifest or store")
+    p.add_argument("--val", default=S, help="validation data (default: a split of --data)")
+    p.add_argument("--val-split", type=float, default=S, help="fraction held out (default 0.1)")
+    p.add_argument("--class-names", default=S, help="file of '<id> <readable name>' lines")
+    p.add_argument("--model", default=S, help="model name (see `deepimage models`)")
+    p.add_argument("--width", type=float, default=S, help="channel multiplier (VGG, AlexNet)")
+    p.add_argument("--size", type=int, default=S, help="source resolution S (default 256)")
+    p.add_argument("--crop", type=int, default=S, help="crop / input size (default 224)")
+    p.add_argument("--resize-mode", choices=["stretch", "shorter"], default=S)
+    p.add_argument("--augment", choices=["crop_flip", "none"], default=S)
+    p.add_argument("--epochs", type=int, default=S)
+    p.add_argument("--max-steps", type=int, default=S, help="stop after N optimizer steps")
+    p.add_argument("--batch-size", type=int, default=S, help="images per optimizer step")
+    p.add_argument("--accum-steps", type=int, default=S, help="micro-batches per step")
+    p.add_argument("--lr", type=float, default=S, help="learning rate (default 0.01)")
+    p.add_argument("--lr-scaling", choices=["none", "linear"], default=S)
+    p.add_argument("--momentum", type=float, default=S)
+    p.add_argument("--weight-decay", type=float, default=S)
+    p.add_argument("--schedule", choices=["plateau", "step", "exp", "constant"], default=S)
+    p.add_argument("--gamma", type=float, default=S)
+    p.add_argument("--milestones", type=int, nargs="+", default=S)
+    p.add_argument("--patience", type=int, default=S)
+    p.add_argument("--warmup-epochs", type=float, default=S)
+    p.add_argument("--label-smoothing", type=float, default=S)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=S)
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=S)
+    p.add_argument("--device", default=S)
+    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--workers", type=int, default=S)
+    p.add_argument("--checkpoint-every", type=int, default=S, help="steps between checkpoints")
+    p.add_argument("--cache-dir", default=S, help="where folders are prepared into stores")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S)
+    p.add_argument("--out", default=S, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepimage", description="Train, evaluate and use image-recognition models."
+    )
+    parser.add_argument("--version", action="version", version=f"deepimage {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the main job end to end on a built-in synthetic data set")
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = sub.add_parser("prepare", help="decode once into a multi-scale uint8 store")
+    p.add_argument("data", help="ImageFolder directory or CSV manifest")
+    p.add_argument("--sizes", type=int, nargs="+", required=True)
+    p.add_argument("--out", required=True, help="store folder")
+    p.add_argument("--resize-mode", choices=["stretch", "shorter"], default="stretch")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--max-pixels", type=int, default=None)
+    p.add_argument("--class-names", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = sub.add_parser("train", help="train a classifier")
+    _add_train_flags(p)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion plots")
+    p.add_argument("source", help="run folder or weights file")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default=None, help="report folder")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = sub.add_parser("predict", help="top-k classes of images")
+    p.add_argument("source", help="run folder or weights file")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--device", default="auto")
+
+    sub.add_parser("models", help="list model names")
+    return parser
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < saved run config (on --resume) < --config file < flags."""
+    from deepimage.config import load_yaml, resolve_config, update_config
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    flags.pop("quiet", None)
+    out = flags.get("out")
+    saved = Path(out) / "config.yaml" if out else None
+    if args.resume and saved is not None and saved.exists():
+        cfg = update_config(TrainConfig(), load_yaml(saved), source=str(saved))
+        if args.config:
+            cfg = update_config(cfg, load_yaml(args.config), source=args.config)
+        changed = {k: v for k, v in flags.items() if getattr(cfg, k) != v}
+        if changed:
+            logger.warning("resuming with changed keys: %s", ", ".join(sorted(changed)))
+        return update_config(cfg, flags).validate()
+    return resolve_config(args.config, flags)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from deepimage.train.loop import train
+
+    cfg = train_config_from_args(args)
+    summary = train(cfg, resume=args.resume)
+    if summary.get("stopped"):
+        return 130
+    _print_summary(summary, cfg.out)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], run: str | None) -> None:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    print(
+        f"trained {summary['model']} on {summary['n_train_images']} images "
+        f"({len(summary['classes'])} classes), {summary['steps']} steps: "
+        f"val top-1 {pct(summary['val_top1'])}, top-5 {pct(summary['val_top5'])}"
+    )
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} unreadable files:")
+        for item in summary["skipped"]:
+            print(f"  {item['path']}: {item['reason']}")
+    print(f"run folder: {run}")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from deepimage.data.decode import DEFAULT_MAX_PIXELS
+    from deepimage.data.index import load_index
+    from deepimage.data.store import prepare_store
+
+    index = load_index(args.data, class_names_file=args.class_names)
+    store = prepare_store(
+        index,
+        args.out,
+        args.sizes,
+        mode=args.resize_mode,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        workers=args.workers,
+        progress=args.progress,
+    )
+    print(
+        f"store {store.path}: {len(store)} images, {len(store.classes)} classes, "
+        f"sizes {' '.join(map(str, store.sizes))}, {len(store.skipped)} skipped"
+    )
+    for item in store.skipped:
+        print(f"  skipped {item['path']}: {item['reason']}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from deepimage.evaluate.evaluate import evaluate
+
+    metrics = evaluate(
+        args.source,
+        args.data,
+        args.out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        precision=args.precision,
+        progress=args.progress,
+    )
+    print(
+        f"top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  "
+        f"mean per-class {100 * metrics['mean_class_acc']:.2f}%  ({metrics['n_images']} images)"
+    )
+    if args.out:
+        print(f"report: {args.out}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from deepimage.serve.predict import Predictor, format_prediction
+
+    predictor = Predictor.load(args.source, device=args.device)
+    results = predictor.predict_files(args.images, topk=args.topk)
+    for result in results:
+        print(json.dumps(result) if args.json else format_prediction(result))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from deepimage.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from deepimage.demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs, progress=args.progress)
+    return 0
+
+
+COMMANDS = {
+    "demo": _cmd_demo,
+    "prepare": _cmd_prepare,
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "predict": _cmd_predict,
+    "models": _cmd_models,
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from deepimage.data.decode import DecodeError
+    from deepimage.data.index import DataError
+    from deepimage.runs import CheckpointError
+    from deepimage.train.loop import RunExistsError
+
+    return (ConfigError, DataError, DecodeError, CheckpointError, RunExistsError, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from deepimage.log import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("deepimage: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"deepimage: error: {message}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"deepimage: error: {err.filename or err}: no such file", file=sys.stderr)
+        return 2

@@ -1,0 +1,237 @@
+"""Training configuration: a dataclass with YAML defaults and command-line overrides.
+
+Precedence is built-in default < YAML file < flag. Every key is checked: an unknown key or a
+value of the wrong type or range is refused with :class:`ConfigError`, one line naming the key.
+The resolved configuration is written into the run folder (``config.yaml``) and is what a
+resumed run reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+Precision = Literal["bf16", "fp32"]
+Schedule = Literal["plateau", "step", "exp", "constant"]
+LrScaling = Literal["none", "linear"]
+ResizeMode = Literal["stretch", "shorter"]
+AugmentPreset = Literal["crop_flip", "none"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message is one line naming the key."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Units are stated where they matter."""
+
+    # data
+    data: str | None = None  # ImageFolder directory, CSV manifest or prepared store
+    val: str | None = None  # separate validation data; otherwise a split of `data`
+    val_split: float = 0.1  # fraction of `data` held out for validation when `val` is unset
+    class_names: str | None = None  # file of "<id> <readable name>" lines
+    size: int = 256  # source resolution S: images are resized to S x S (paper 4.2)
+    crop: int = 224  # training crop C, and the network's input size
+    resize_mode: ResizeMode = (
+        "stretch"  # "stretch" to S x S (paper) or "shorter" side + centre crop
+    )
+    augment: AugmentPreset = "crop_flip"
+    workers: int = 2  # data-loading worker processes (0: in the main process)
+    max_pixels: int = 178_956_970  # decompression-bomb cap, in pixels
+    cache_dir: str | None = None  # where folders are prepared into stores
+    # model
+    model: str = "resnet18"
+    width: float = 1.0  # channel multiplier for the deepimage VGG and AlexNet nets
+    dropout: float | None = None  # None: the model's own default (0.5 in VGG and AlexNet)
+    # optimisation
+    epochs: int = 30
+    max_steps: int | None = None  # stop after this many optimizer steps in all
+    batch_size: int = 64  # images per optimizer step
+    accum_steps: int = 1  # micro-batches per optimizer step (batch_size must divide evenly)
+    lr: float = 0.01  # at batch 256 when lr_scaling is "linear", else as given
+    lr_scaling: LrScaling = "none"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Schedule = "plateau"
+    gamma: float = 0.1  # factor of each decay (plateau, step) or per epoch (exp)
+    milestones: list[int] = field(default_factory=list)  # epochs of the step schedule
+    patience: int = 2  # epochs without improvement before a plateau decay
+    min_lr: float = 1e-6
+    warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs (fractions allowed)
+    label_smoothing: float = 0.0
+    # execution
+    precision: Precision = "bf16"  # bf16 autocast, or plain fp32
+    channels_last: bool = True
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    seed: int = 0
+    checkpoint_every: int = (
+        100  # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
+    )
+    progress: bool = True
+    tensorboard: bool = True
+    out: str | None = None  # the run folder
+
+    def effective_lr(self) -> float:
+        """Learning rate after the linear scaling rule (lr is per 256 images when scaling)."""
+        if self.lr_scaling == "linear":
+            return self.lr * self.batch_size / 256
+        return self.lr
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.accum_steps
+
+    def validate(self) -> TrainConfig:
+        """Check ranges and relations between keys; return self for chaining."""
+        _positive(self, "size", "crop", "epochs", "batch_size", "accum_steps", "max_pixels")
+        _non_negative(self, "workers", "checkpoint_every", "warmup_epochs", "weight_decay")
+        _non_negative(self, "momentum", "min_lr", "patience", "label_smoothing")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"config key 'dropout': must be in [0, 1), got {self.dropout}")
+        if self.lr <= 0:
+            raise ConfigError(f"config key 'lr': must be > 0, got {self.lr}")
+        if self.crop > self.size:
+            raise ConfigError(f"config key 'crop': {self.crop} exceeds size {self.size}")
+        if not 0 <= self.val_split < 1:
+            raise ConfigError(f"config key 'val_split': must be in [0, 1), got {self.val_split}")
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(
+                f"config key 'accum_steps': {self.accum_steps} does not divide "
+                f"batch_size {self.batch_size}"
+            )
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"config key 'max_steps': must be > 0, got {self.max_steps}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"config key 'gamma': must be in (0, 1], got {self.gamma}")
+        if sorted(self.milestones) != list(self.milestones):
+            raise ConfigError("config key 'milestones': must be increasing")
+        return self
+
+
+def _positive(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {getattr(cfg, key)}")
+
+
+def _non_negative(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(cfg, key)}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation, converting the harmless cases (int -> float)."""
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is Literal:
+        choices = get_args(annotation)
+        if value not in choices:
+            raise ConfigError(
+                f"config key '{key}': expected one of {', '.join(map(str, choices))}, got {value!r}"
+            )
+        return value
+    if origin is list:
+        (item_type,) = get_args(annotation)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(key, v, item_type) for v in value]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {annotation!r}")
+
+
+def _fields() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def update_config(cfg: TrainConfig, values: dict[str, Any], source: str = "") -> TrainConfig:
+    """Return a copy of ``cfg`` with ``values`` applied, each checked against its field type."""
+    fields = _fields()
+    where = f" in {source}" if source else ""
+    changes = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{where}{hint}")
+        try:
+            changes[key] = _coerce(key, value, fields[key])
+        except ConfigError as err:
+            raise ConfigError(f"{err}{where}") from None
+    return dataclasses.replace(cfg, **changes)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or bad syntax is a one-line :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{at}: invalid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys to values")
+    return data
+
+
+def resolve_config(
+    file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults, then the YAML ``file``, then ``overrides`` (flags); validated."""
+    cfg = TrainConfig()
+    if file is not None:
+        cfg = update_config(cfg, load_yaml(file), source=str(file))
+    if overrides:
+        cfg = update_config(cfg, overrides)
+    return cfg.validate()
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    from deepimage.runs import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,46 @@
+"""Data: index image folders and CSVs, decode robustly, prepare memory-mapped stores."""
+
+from deepimage.data.decode import (
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    ResizeMode,
+    decode_image,
+    open_image,
+    resize_array,
+    resize_image,
+)
+from deepimage.data.index import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    DatasetIndex,
+    Sample,
+    load_index,
+    read_class_names,
+    read_manifest,
+    scan_folder,
+    split_index,
+)
+from deepimage.data.store import IncompleteStoreError, Store, prepare_store, store_for
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "DatasetIndex",
+    "DecodeError",
+    "IncompleteStoreError",
+    "ResizeMode",
+    "Sample",
+    "Store",
+    "decode_image",
+    "load_index",
+    "open_image",
+    "prepare_store",
+    "read_class_names",
+    "read_manifest",
+    "resize_array",
+    "resize_image",
+    "scan_folder",
+    "split_index",
+    "store_for",
+]

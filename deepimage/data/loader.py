@@ -1,0 +1,128 @@
+"""Batches of uint8 images from a prepared store, in an order fixed by (seed, epoch).
+
+The sampler is a pure function: the permutation of an epoch depends only on the seed and the
+epoch number, so a resumed run (or, later, a run on any number of processes) walks the same
+global sequence of images. Loader workers open the memory-mapped store themselves; only the
+store's path crosses the process boundary, never its pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from deepimage.augment.rng import keyed_uniform
+
+
+def epoch_order(rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """``rows`` shuffled by a permutation that depends only on (seed, epoch)."""
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, 0x5EED])
+    return np.asarray(rows)[rng.permutation(len(rows))]
+
+
+def train_batches(
+    rows: np.ndarray, batch_size: int, seed: int, epoch: int, drop_last: bool = True
+) -> list[np.ndarray]:
+    """The epoch's batches of store rows; the last incomplete batch is dropped by default."""
+    order = epoch_order(rows, seed, epoch)
+    n = len(order) // batch_size * batch_size if drop_last else len(order)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def eval_batches(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Consecutive batches covering every row exactly once."""
+    rows = np.asarray(rows)
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split row numbers into (train, val) with ``fraction`` of every class in val.
+
+    Which rows go to val depends only on (seed, row), so adding images to a class does not
+    reshuffle the others.
+    """
+    labels = np.asarray(labels)
+    rows = np.arange(len(labels))
+    if fraction <= 0:
+        return rows, rows[:0]
+    score = keyed_uniform(seed, -1, rows, 1, stream=7)[:, 0]
+    val = []
+    for c in np.unique(labels):
+        members = rows[labels == c]
+        k = int(round(len(members) * fraction))
+        k = min(max(k, 1), len(members) - 1) if len(members) > 1 else 0
+        val.append(members[np.argsort(score[members], kind="stable")[:k]])
+    val_rows = np.sort(np.concatenate(val)) if val else rows[:0]
+    return np.setdiff1d(rows, val_rows), val_rows
+
+
+class StoreBatches(Dataset):
+    """Dataset whose item ``i`` is a whole batch: (uint8 images BHWC, labels, rows)."""
+
+    def __init__(self, store_path: str | Path, size: int, batches: Sequence[np.ndarray]):
+        self.store_path = str(store_path)
+        self.size = size
+        self.batches = list(batches)
+        self._images: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+
+    def _open(self) -> None:
+        from deepimage.data.store import Store
+
+        store = Store.open(self.store_path)
+        self._images = store.images(self.size)
+        self._labels = np.asarray(store.labels)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._images is None:
+            self._open()
+        rows = np.asarray(self.batches[i])
+        order = np.argsort(rows, kind="stable")  # read the memmap in file order
+        images = np.empty((len(rows), *self._images.shape[1:]), dtype=np.uint8)
+        images[order] = self._images[rows[order]]
+        return (
+            torch.from_numpy(images),
+            torch.from_numpy(self._labels[rows].astype(np.int64)),
+            torch.from_numpy(rows.astype(np.int64)),
+        )
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_images"] = state["_labels"] = None
+        return state
+
+
+def iterate_batches(
+    store_path: str | Path,
+    size: int,
+    batches: Sequence[np.ndarray],
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield the given batches in order, read ahead by ``workers`` processes."""
+    if not batches:
+        return iter(())
+    dataset = StoreBatches(store_path, size, batches)
+    workers = min(workers, len(batches))
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        # An explicit generator keeps the loader from drawing on the global RNG, which
+        # would otherwise shift dropout masks between runs with different worker counts.
+        generator=torch.Generator().manual_seed(0),
+        persistent_workers=False,
+    )
+    return iter(loader)

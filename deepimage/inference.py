@@ -1,0 +1,79 @@
+"""Forward passes for evaluation, shared by training's validation, evaluate and predict.
+
+One path from uint8 images to class scores: centre crop, normalise, autocast forward. Using
+it everywhere is what makes a number printed by ``evaluate`` and a prediction from
+``predict`` agree with the validation accuracy seen during training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from deepimage.data.transforms import center_crop, to_model_input
+from deepimage.metrics import ClassificationMeter
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU or CUDA, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.inference_mode()
+def logits_for(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    crop: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    precision: str = "bf16",
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """float32 logits for ``(B, S, S, 3)`` uint8 images, centre-cropped to ``crop``."""
+    x = to_model_input(center_crop(images, crop), mean, std, device, channels_last)
+    with autocast(device, precision):
+        return model(x).float()
+
+
+def evaluate_batches(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    crop: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    precision: str = "bf16",
+    channels_last: bool = True,
+    total: int | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> tuple[ClassificationMeter, np.ndarray]:
+    """Accumulate top-k and confusion statistics; also return the softmax posteriors."""
+    was_training = model.training
+    model.eval()
+    meter = ClassificationMeter(num_classes)
+    probs = []
+    for images, labels, _rows in tqdm(
+        batches, total=total, disable=not progress, desc=desc, leave=False
+    ):
+        logits = logits_for(model, images, crop, mean, std, device, precision, channels_last)
+        meter.update(logits.cpu(), labels)
+        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+    model.train(was_training)
+    posteriors = np.concatenate(probs) if probs else np.zeros((0, num_classes), np.float32)
+    return meter, posteriors

@@ -1,0 +1,77 @@
+"""Small helpers shared by the model definitions: width scaling, init and size arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+DEFAULT_DROPOUT = 0.5
+"""Dropout ratio of the paper's models (after the first two fully-connected layers)."""
+
+
+def scale_width(channels: int, width: float) -> int:
+    """Scale a channel/unit count by ``width``, rounding to the nearest integer (at least 1)."""
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    return max(1, int(round(channels * width)))
+
+
+def resolve_dropout(dropout: float | None) -> float:
+    """Return the dropout ratio to use, ``None`` meaning the paper's 0.5; validate the range."""
+    p = DEFAULT_DROPOUT if dropout is None else float(dropout)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return p
+
+
+def fc_head(in_features: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """Paper-style classifier: Flatten, FC-ReLU-Dropout, FC-ReLU-Dropout, FC.
+
+    ``Flatten`` (not ``view``) keeps the head valid for channels-last inputs; the layer layout
+    ``Linear(C*k*k, hidden)`` allows an exact FC-to-conv conversion for dense evaluation.
+    """
+    return nn.Sequential(
+        nn.Flatten(1),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def init_weights(module: nn.Module) -> None:
+    """torchvision's VGG initialisation: Kaiming-normal (fan_out) convs, N(0, 0.01) linears,
+    unit/zero batch-norm, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0, ceil: bool = False) -> int:
+    """Output length of a convolution/pooling window along one axis (PyTorch's formula).
+
+    With ``ceil`` the last window may overhang the input but must start inside it
+    (padded input), exactly as ``nn.MaxPool2d(ceil_mode=True)`` computes it.
+    """
+    span = size + 2 * padding - kernel
+    if span < 0:
+        return 0
+    out = (math.ceil(span / stride) if ceil else span // stride) + 1
+    if ceil and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out

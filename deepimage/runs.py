@@ -1,0 +1,221 @@
+"""The run folder: atomic files, weights with their metadata, and the full training state.
+
+Layout of ``RUN/``::
+
+    config.yaml          the resolved configuration
+    model.safetensors    final weights; metadata["deepimage"] holds what predict needs
+    model.json           the same metadata, readable
+    checkpoint.safetensors (+ .prev)   full training state for --resume
+    metrics.jsonl        one line per epoch
+    summary.json         classes, image counts, skipped files, final accuracy
+    curves.png, tb/      plots and TensorBoard logs
+
+Every write is atomic (temporary file, fsync, rename) and the previous checkpoint is kept,
+so a process killed at any instant leaves a loadable state behind. Nothing is ever unpickled:
+tensors go to safetensors and everything else to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.safetensors"
+META_KEY = "deepimage"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file that cannot be read; the message names the file."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], keep_previous: bool = False):
+    """Write ``path`` through ``write(tmp)``: fsync, then rename over it in one step.
+
+    With ``keep_previous`` the old file survives as ``path.prev``; between the two renames
+    there is always at least one complete file on disk.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(path.name + ".prev"))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+# --- nested state <-> (tensors, JSON) -------------------------------------------------------
+
+
+def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Move every tensor of a nested dict/list into ``tensors``; return a JSON-able skeleton."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            tag = f"{type(k).__name__}:{k}"
+            out[tag] = flatten_state(v, f"{prefix}.{k}", tensors)
+        return {"__dict__": out}
+    if isinstance(obj, list | tuple):
+        items = [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {prefix} in a checkpoint")
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__tuple__" in skeleton:
+            return tuple(unflatten_state(v, tensors) for v in skeleton["__tuple__"])
+        out = {}
+        for tag, v in skeleton["__dict__"].items():
+            kind, _, name = tag.partition(":")
+            key: Any = int(name) if kind == "int" else name
+            out[key] = unflatten_state(v, tensors)
+        return out
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def save_state(path: str | Path, state: dict[str, Any], keep_previous: bool = True) -> None:
+    """Save a nested training state (tensors and plain values) atomically as safetensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten_state(state, "s", tensors)
+    metadata = {"state": json.dumps(skeleton)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), keep_previous)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: corrupted or not a safetensors file ({reason})") from None
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Load a training state written by :func:`save_state`; no unpickling."""
+    path = Path(path)
+    tensors, metadata = _read_safetensors(path)
+    if "state" not in metadata:
+        raise CheckpointError(f"{path}: not a deepimage checkpoint (no 'state' metadata)")
+    try:
+        return unflatten_state(json.loads(metadata["state"]), tensors)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: corrupted checkpoint metadata ({err})") from None
+
+
+def load_latest_state(run: str | Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint of a run, falling back to the previous one."""
+    run = Path(run)
+    current, previous = run / CHECKPOINT, run / (CHECKPOINT + ".prev")
+    if not current.exists() and not previous.exists():
+        return None
+    try:
+        return load_state(current)
+    except CheckpointError as err:
+        if not previous.exists():
+            raise
+        logger.warning("%s; resuming from the previous checkpoint %s", err, previous)
+        return load_state(previous)
+
+
+# --- final weights ------------------------------------------------------------------------
+
+
+def save_weights(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    """Write weights to safetensors with ``meta`` (model name, classes, preprocessing)."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {META_KEY: json.dumps(meta)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    if path.name == WEIGHTS:
+        atomic_write_json(path.with_name("model.json"), meta)
+
+
+def read_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and metadata from a run folder or a ``.safetensors`` file."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / WEIGHTS
+        if not path.exists():
+            raise CheckpointError(f"{source}: no {WEIGHTS} in this run folder (not finished?)")
+    tensors, metadata = _read_safetensors(path)
+    if META_KEY not in metadata:
+        raise CheckpointError(f"{path}: no deepimage metadata (model name, classes)")
+    return tensors, json.loads(metadata[META_KEY])
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the model saved at ``source`` (run folder or weights file), in eval mode."""
+    from deepimage.models import get_model
+
+    tensors, meta = read_weights(source)
+    model = get_model(
+        meta["model"],
+        num_classes=len(meta["classes"]),
+        image_size=meta["crop"],
+        **meta.get("model_kwargs", {}),
+    )
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not fit {meta['model']} "
+            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+        )
+    return model.to(device).eval(), meta

@@ -1,0 +1,469 @@
+"""Single-process training: config -> data -> model -> optimizer -> resume -> epoch loop.
+
+Exact resume is the contract. A checkpoint holds the weights, optimizer, schedule, position
+within the epoch, partial epoch statistics and the RNG state; the data order and every
+augmentation are pure functions of (seed, epoch, image), so a run killed at any instant and
+resumed from its last checkpoint ends with weights bitwise identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from deepimage.augment.crop_flip import apply_crop_flip, sample_crop_flip
+from deepimage.config import TrainConfig, config_to_dict, save_config
+from deepimage.data.loader import eval_batches, iterate_batches, stratified_split, train_batches
+from deepimage.data.store import Store, store_for
+from deepimage.data.transforms import to_model_input
+from deepimage.inference import evaluate_batches, resolve_device
+from deepimage.metrics import ClassificationMeter
+from deepimage.models import get_model
+from deepimage.runs import (
+    CHECKPOINT,
+    WEIGHTS,
+    atomic_write_json,
+    atomic_write_text,
+    load_latest_state,
+    save_state,
+    save_weights,
+)
+from deepimage.train.optim import build_optimizer, set_lr
+from deepimage.train.schedule import LRSchedule
+from deepimage.train.step import forward_backward
+
+logger = logging.getLogger(__name__)
+
+
+class RunExistsError(RuntimeError):
+    """The output folder already holds a run and --resume was not given."""
+
+
+@dataclass
+class TrainData:
+    """Where the training and validation images live (rows of prepared stores)."""
+
+    train_store: Store
+    train_rows: np.ndarray
+    val_store: Store
+    val_rows: np.ndarray
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.train_store.classes)
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        seen, out = set(), []
+        for item in [*self.train_store.skipped, *self.val_store.skipped]:
+            if item["path"] not in seen:
+                seen.add(item["path"])
+                out.append(item)
+        return out
+
+
+def prepare_data(cfg: TrainConfig) -> TrainData:
+    """Open or prepare the stores, then split off validation rows if no --val was given."""
+    if cfg.data is None:
+        raise ValueError("config key 'data': no training data given (--data DIR)")
+    store_kwargs = {
+        "mode": cfg.resize_mode,
+        "cache_dir": cfg.cache_dir,
+        "max_pixels": cfg.max_pixels,
+        "progress": cfg.progress,
+        "class_names_file": cfg.class_names,
+    }
+    train_store = store_for(cfg.data, [cfg.size], **store_kwargs)
+    if cfg.val is not None:
+        val_store = store_for(cfg.val, [cfg.size], **store_kwargs)
+        if list(val_store.classes) != list(train_store.classes):
+            raise ValueError(
+                f"validation classes of {cfg.val} differ from the training classes of {cfg.data}"
+            )
+        return TrainData(
+            train_store, np.arange(len(train_store)), val_store, np.arange(len(val_store))
+        )
+    train_rows, val_rows = stratified_split(train_store.labels, cfg.val_split, cfg.seed)
+    return TrainData(train_store, train_rows, train_store, val_rows)
+
+
+def model_meta(
+    cfg: TrainConfig, model: torch.nn.Module, classes: list[str], class_names: dict[str, str]
+) -> dict[str, Any]:
+    """What predict, evaluate and serve need to rebuild the model and its preprocessing."""
+    return {
+        "model": cfg.model,
+        "model_kwargs": {"width": cfg.width, "dropout": cfg.dropout},
+        "classes": classes,
+        "class_names": class_names,
+        "size": cfg.size,
+        "crop": cfg.crop,
+        "resize_mode": cfg.resize_mode,
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "precision": cfg.precision,
+    }
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("stop requested: saving a checkpoint at the end of this step")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Owns the model, optimizer, schedule and run folder of one training run."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg.validate()
+        if cfg.out is None:
+            raise ValueError("config key 'out': no run folder given (--out RUN)")
+        self.run = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.data = prepare_data(cfg)
+        for item in self.data.skipped:
+            logger.warning("skipped %s: %s", item["path"], item["reason"])
+        self.classes = self.data.classes
+        self.num_classes = len(self.classes)
+        self.model = get_model(
+            cfg.model,
+            num_classes=self.num_classes,
+            image_size=cfg.crop,
+            width=cfg.width,
+            dropout=cfg.dropout,
+        )
+        self.meta = model_meta(
+            cfg, self.model, self.classes, dict(self.data.train_store.class_names)
+        )
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model.to(self.device, memory_format=self.memory_format)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.steps_per_epoch = len(self.data.train_rows) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"config key 'batch_size': {cfg.batch_size} exceeds the "
+                f"{len(self.data.train_rows)} training images"
+            )
+        self.schedule = LRSchedule(cfg, self.steps_per_epoch)
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.meter = ClassificationMeter(self.num_classes)
+        self.loss_sum = 0.0
+        self.epoch_images = 0
+        self.history: list[dict[str, Any]] = []
+        self.writer = None
+
+    # --- state -------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = list(torch.cuda.get_rng_state_all())
+        return {
+            "version": 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "meter": self.meter.state_tensors(),
+            "loss_sum": self.loss_sum,
+            "epoch_images": self.epoch_images,
+            "rng": rng,
+            "config": json.dumps(config_to_dict(self.cfg)),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.meter.load_state_tensors(list(state["meter"]))
+        self.loss_sum = float(state["loss_sum"])
+        self.epoch_images = int(state["epoch_images"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
+
+    def save_checkpoint(self) -> None:
+        save_state(self.run / CHECKPOINT, self.state())
+
+    # --- run folder ----------------------------------------------------------------------
+
+    def _open_run(self, resume: bool) -> None:
+        exists = (self.run / CHECKPOINT).exists() or (self.run / WEIGHTS).exists()
+        if exists and not resume:
+            raise RunExistsError(
+                f"{self.run} already holds a run: pass --resume to continue it, "
+                "or choose another --out"
+            )
+        self.run.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run / "config.yaml")
+        state = load_latest_state(self.run) if resume else None
+        if state is not None:
+            self.load(state)
+            logger.info(
+                "resumed %s at epoch %d, step %d of %d",
+                self.run,
+                self.epoch + 1,
+                self.step_in_epoch,
+                self.steps_per_epoch,
+            )
+        elif resume:
+            logger.info("nothing to resume in %s: starting afresh", self.run)
+        self.history = self._read_history(keep_before=self.epoch)
+        self._write_history()
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(
+                    str(self.run / "tb"), purge_step=self.epoch + 1 if resume else None
+                )
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                logger.warning("tensorboard is not installed: no TensorBoard logs")
+
+    def _read_history(self, keep_before: int) -> list[dict[str, Any]]:
+        path = self.run / "metrics.jsonl"
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if row.get("epoch", 0) <= keep_before and not row.get("partial"):
+                rows.append(row)
+        return rows
+
+    def _write_history(self) -> None:
+        text = "".join(json.dumps(row) + "\n" for row in self.history)
+        atomic_write_text(self.run / "metrics.jsonl", text)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor):
+        cfg = self.cfg
+        params = sample_crop_flip(
+            cfg.seed,
+            self.epoch,
+            rows.numpy(),
+            cfg.size,
+            cfg.crop,
+            flip=cfg.augment != "none",
+        )
+        if cfg.augment == "none":
+            params.top.fill_((cfg.size - cfg.crop) // 2)
+            params.left.fill_((cfg.size - cfg.crop) // 2)
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        crops = apply_crop_flip(images, params, cfg.crop)
+        x = to_model_input(crops, self.meta["mean"], self.meta["std"], None, cfg.channels_last)
+        loss_total, logits = forward_backward(
+            self.model,
+            x,
+            labels,
+            accum_steps=cfg.accum_steps,
+            precision=cfg.precision,
+            label_smoothing=cfg.label_smoothing,
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.meter.update(logits.cpu(), labels.cpu())
+        self.loss_sum += loss_total
+        self.epoch_images += len(x)
+        return loss_total / len(x)
+
+    def validate(self) -> dict[str, float] | None:
+        if len(self.data.val_rows) == 0:
+            return None
+        batches = eval_batches(self.data.val_rows, self.cfg.batch_size)
+        meter, _ = evaluate_batches(
+            self.model,
+            iterate_batches(self.data.val_store.path, self.cfg.size, batches, self.cfg.workers),
+            self.num_classes,
+            self.cfg.crop,
+            self.meta["mean"],
+            self.meta["std"],
+            self.device,
+            self.cfg.precision,
+            self.cfg.channels_last,
+            total=len(batches),
+            progress=self.cfg.progress,
+            desc="validate",
+        )
+        return meter.results()
+
+    def _end_epoch(self, seconds: float, partial: bool) -> dict[str, Any]:
+        train = self.meter.results()
+        val = self.validate()
+        row = {
+            "epoch": self.epoch + 1,
+            "step": self.global_step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": self.loss_sum / max(1, self.epoch_images),
+            "train_top1": train["top1"],
+            "train_top5": train["top5"],
+            "val_top1": val["top1"] if val else None,
+            "val_top5": val["top5"] if val else None,
+            "images_per_s": self.epoch_images / seconds if seconds > 0 else None,
+        }
+        if partial:
+            row["partial"] = True
+        self.history.append(row)
+        self._write_history()
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "partial") and value is not None:
+                    self.writer.add_scalar(key, value, self.epoch + 1)
+            self.writer.flush()
+        logger.info(
+            "epoch %d: loss %.4f  train top1 %.3f top5 %.3f  val top1 %s top5 %s  lr %.3g",
+            row["epoch"],
+            row["train_loss"],
+            row["train_top1"],
+            row["train_top5"],
+            "-" if val is None else f"{val['top1']:.3f}",
+            "-" if val is None else f"{val['top5']:.3f}",
+            row["lr"],
+        )
+        return row
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to the end (or to max_steps), writing everything into the run folder."""
+        cfg = self.cfg
+        self._open_run(resume)
+        self.model.train()
+        stopped = False
+        with _StopFlag() as stop:
+            while self.epoch < cfg.epochs and not self._done():
+                batches = train_batches(self.data.train_rows, cfg.batch_size, cfg.seed, self.epoch)
+                todo = batches[self.step_in_epoch :]
+                if cfg.max_steps is not None:
+                    todo = todo[: cfg.max_steps - self.global_step]
+                loader = iterate_batches(
+                    self.data.train_store.path,
+                    cfg.size,
+                    todo,
+                    cfg.workers,
+                    pin_memory=self.device.type == "cuda",
+                )
+                bar = tqdm(
+                    loader,
+                    total=len(todo),
+                    initial=0,
+                    desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                    disable=not cfg.progress,
+                    dynamic_ncols=True,
+                )
+                start = time.perf_counter()
+                for images, labels, rows in bar:
+                    set_lr(self.optimizer, self.schedule.lr_at(self.epoch, self.step_in_epoch))
+                    loss = self._train_step(images, labels, rows)
+                    self.step_in_epoch += 1
+                    self.global_step += 1
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{self.epoch_images / elapsed:.0f}")
+                    if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if stop.requested:
+                        break
+                bar.close()
+                if stop.requested:
+                    self.save_checkpoint()
+                    stopped = True
+                    break
+                seconds = time.perf_counter() - start
+                finished_epoch = self.step_in_epoch >= self.steps_per_epoch
+                if not finished_epoch:  # max_steps reached inside the epoch
+                    self._end_epoch(seconds, partial=True)
+                    self.save_checkpoint()
+                    break
+                row = self._end_epoch(seconds, partial=False)
+                self.schedule.end_epoch(
+                    self.epoch,
+                    row["val_top1"] if row["val_top1"] is not None else row["train_top1"],
+                )
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self.meter = ClassificationMeter(self.num_classes)
+                self.loss_sum, self.epoch_images = 0.0, 0
+                self.save_checkpoint()
+                self._draw_curves()
+        if self.writer is not None:
+            self.writer.close()
+        if stopped:
+            logger.warning("stopped at step %d; continue with --resume", self.global_step)
+            return {"stopped": True, "global_step": self.global_step}
+        return self._finish()
+
+    def _done(self) -> bool:
+        return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
+
+    def _draw_curves(self) -> None:
+        from deepimage.evaluate.report import plot_curves
+
+        try:
+            plot_curves(self.history, self.run / "curves.png")
+        except Exception as err:  # a plot must never end a training run
+            logger.warning("could not draw curves.png: %s", err)
+
+    def _finish(self) -> dict[str, Any]:
+        save_weights(self.run / WEIGHTS, self.model, self.meta)
+        last = self.history[-1] if self.history else {}
+        summary = {
+            "model": self.cfg.model,
+            "classes": self.classes,
+            "class_names": self.meta["class_names"],
+            "n_train_images": int(len(self.data.train_rows)),
+            "n_val_images": int(len(self.data.val_rows)),
+            "skipped": self.data.skipped,
+            "epochs": self.epoch,
+            "steps": self.global_step,
+            "val_top1": last.get("val_top1"),
+            "val_top5": last.get("val_top5"),
+            "train_top1": last.get("train_top1"),
+            "train_top5": last.get("train_top5"),
+        }
+        atomic_write_json(self.run / "summary.json", summary)
+        self._draw_curves()
+        return summary
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train as configured; returns the run summary (also in ``RUN/summary.json``)."""
+    return Trainer(cfg).fit(resume=resume)

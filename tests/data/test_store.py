@@ -1,0 +1,299 @@
+import json
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import deepimage.data.store as store_mod
+from deepimage.data import (
+    DataError,
+    DecodeError,
+    IncompleteStoreError,
+    Store,
+    decode_image,
+    load_index,
+    prepare_store,
+    scan_folder,
+    split_index,
+    store_for,
+)
+from tests.data.messy import write_flat_folder
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _rel(paths, root):
+    return [Path(os.path.relpath(p, root)).as_posix() for p in paths]
+
+
+@pytest.fixture
+def count_decodes(monkeypatch):
+    """Count in-process decodes done by the store (workers=0)."""
+    calls = []
+    original = store_mod.open_image
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(store_mod, "open_image", counting)
+    return calls
+
+
+def test_messy_folder_store_skips_bad_files_and_keeps_rows_aligned(messy, tmp_path, caplog):
+    root = messy["root"]
+    index = scan_folder(root)
+    with caplog.at_level(logging.WARNING, logger="deepimage.data.store"):
+        store = prepare_store(index, tmp_path / "store", [8, 16], workers=0, progress=False)
+    assert len(store) == len(messy["ok"])
+    expected_rows = [p for p in index.paths if _rel([p], root)[0] in messy["ok"]]
+    assert store.paths == expected_rows  # index order minus skipped
+    assert sorted(_rel([s["path"] for s in store.skipped], root)) == sorted(messy["skipped"])
+    assert all(s["reason"] for s in store.skipped)
+    for s in store.skipped:
+        assert any(r.getMessage() == f"skipped {s['path']}: {s['reason']}" for r in caplog.records)
+    by_path = dict(zip(index.paths, index.targets))
+    assert store.labels.dtype == np.int64
+    assert store.labels.tolist() == [by_path[p] for p in store.paths]
+    assert store.classes == messy["classes"] and store.class_names == messy["class_names"]
+    for size in (8, 16):
+        images = store.images(size)
+        assert isinstance(images, np.memmap) and images.shape == (len(store), size, size, 3)
+        assert images.dtype == np.uint8
+        with pytest.raises(ValueError):
+            images[0, 0, 0, 0] = 1  # read-only
+    big = store.images(16)
+    for row, path in enumerate(store.paths):
+        assert np.array_equal(big[row], decode_image(path, 16)), path
+    skipped_json = json.loads((tmp_path / "store" / "skipped.json").read_text())
+    assert skipped_json == store.skipped
+
+
+def test_layout_and_manifest(flat_folder, tmp_path):
+    out = tmp_path / "s"
+    store = prepare_store(scan_folder(flat_folder), out, [6, 4], mode="shorter", progress=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        ["manifest.json", "labels.npy", "paths.json", "skipped.json", "images_4.u8", "images_6.u8"]
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sizes"] == [4, 6] and manifest["mode"] == "shorter" and manifest["n"] == 12
+    assert manifest["classes"] == ["a", "b", "c"]
+    assert (out / "images_6.u8").stat().st_size == 12 * 6 * 6 * 3
+    assert store.sizes == [4, 6] and store.mode == "shorter"
+    assert np.load(out / "labels.npy").tolist() == store.labels.tolist()
+    assert store.stats == manifest["stats"]
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    with pytest.raises(DataError, match="sizes"):
+        store.images(5)
+
+
+def test_pixel_stats_match_numpy(flat_folder, tmp_path):
+    store = prepare_store(
+        scan_folder(flat_folder), tmp_path / "s", [5, 9], workers=0, progress=False
+    )
+    pixels = np.asarray(store.images(5), np.float64).reshape(-1, 3) / 255.0
+    stats = store.stats
+    assert stats["size"] == 5 and stats["n_images"] == 12
+    np.testing.assert_allclose(stats["rgb_mean"], pixels.mean(0), atol=1e-12)
+    np.testing.assert_allclose(stats["rgb_std"], pixels.std(0), atol=1e-9)
+    cov = np.cov(pixels, rowvar=False, bias=True)
+    eigval, eigvec = np.array(stats["eigval"]), np.array(stats["eigvec"])
+    assert eigval.shape == (3,) and eigvec.shape == (3, 3)
+    assert np.all(np.diff(eigval) <= 0)
+    np.testing.assert_allclose(eigvec.T @ eigvec, np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(cov @ eigvec, eigvec * eigval, atol=1e-9)  # columns
+    assert all(isinstance(v, float) for v in stats["rgb_mean"] + stats["eigval"])
+
+
+def test_rows_do_not_depend_on_worker_count(messy, tmp_path):
+    index = scan_folder(messy["root"])
+    one = prepare_store(index, tmp_path / "w0", [8, 12], workers=0, progress=False)
+    two = prepare_store(index, tmp_path / "w2", [8, 12], workers=2, progress=False)
+    assert one.paths == two.paths and one.skipped == two.skipped
+    assert np.array_equal(one.labels, two.labels)
+    for size in (8, 12):
+        assert np.array_equal(one.images(size), two.images(size))
+    assert one.stats == two.stats
+
+
+def test_second_prepare_does_no_decoding(flat_folder, tmp_path, count_decodes):
+    index = scan_folder(flat_folder)
+    out = tmp_path / "s"
+    prepare_store(index, out, [8], workers=0, progress=False)
+    assert len(count_decodes) == 12
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    again = prepare_store(scan_folder(flat_folder), out, [8], workers=0, progress=False)
+    assert len(count_decodes) == 12
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime
+    assert len(again) == 12
+
+
+def test_changed_file_or_parameters_rebuild(flat_folder, tmp_path, count_decodes):
+    out = tmp_path / "s"
+    first = prepare_store(scan_folder(flat_folder), out, [8], workers=0, progress=False)
+    target = flat_folder / "b" / "001.png"
+    row = first.paths.index(str(target))
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(target)
+    os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
+    second = prepare_store(scan_folder(flat_folder), out, [8], workers=0, progress=False)
+    assert len(count_decodes) == 24
+    assert (second.images(8)[row] == [1, 2, 3]).all()
+    third = prepare_store(scan_folder(flat_folder), out, [8, 10], workers=0, progress=False)
+    assert third.sizes == [8, 10] and len(count_decodes) == 36
+
+
+def test_store_without_manifest_is_refused_and_rebuilt(flat_folder, tmp_path, caplog):
+    out = tmp_path / "s"
+    prepare_store(scan_folder(flat_folder), out, [8], workers=0, progress=False)
+    (out / "manifest.json").unlink()
+    with pytest.raises(IncompleteStoreError, match="manifest") as e:
+        Store.open(out)
+    assert str(out) in str(e.value) and "\n" not in str(e.value)
+    assert isinstance(e.value, DataError)
+    with caplog.at_level(logging.WARNING, logger="deepimage.data.store"):
+        store = prepare_store(scan_folder(flat_folder), out, [8], workers=0, progress=False)
+    assert any("incomplete store" in r.getMessage() for r in caplog.records)
+    assert len(store) == 12 and len(Store.open(out)) == 12
+
+
+def test_manifest_that_does_not_match_the_files_is_refused(flat_folder, tmp_path):
+    out = tmp_path / "s"
+    prepare_store(scan_folder(flat_folder), out, [8], workers=0, progress=False)
+    with open(out / "images_8.u8", "r+b") as f:
+        f.truncate(5 * 8 * 8 * 3)
+    with pytest.raises(IncompleteStoreError, match="images_8.u8"):
+        Store.open(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(IncompleteStoreError, match="unreadable"):
+        Store.open(out)
+    with pytest.raises(DataError, match="no store"):
+        Store.open(tmp_path / "nothing")
+
+
+_KILLED_PREPARE = textwrap.dedent(
+    """
+    import sys, time
+    import deepimage.data.store as st
+    from deepimage.data import load_index, prepare_store
+
+    original = st.open_image
+
+    def slow(*args, **kwargs):
+        time.sleep(0.2)
+        return original(*args, **kwargs)
+
+    st.open_image = slow
+    prepare_store(load_index(sys.argv[1]), sys.argv[2], [8], workers=0, progress=False)
+    print("finished")
+    """
+)
+
+
+def test_prepare_killed_midway_is_never_used(flat_folder, tmp_path, caplog):
+    out = tmp_path / "stores" / "s"
+    out.parent.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_PREPARE, str(flat_folder), str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not any(".partial-" in p.name for p in out.parent.iterdir()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "preparation never started"
+            time.sleep(0.02)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        stdout, _ = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and b"finished" not in stdout
+    assert not out.exists()
+    with pytest.raises(IncompleteStoreError, match="interrupted"):
+        Store.open(out)
+    with pytest.raises(IncompleteStoreError):
+        store_for(out, [8])  # leftovers are not mistaken for a store or image folder
+    with caplog.at_level(logging.WARNING, logger="deepimage.data.store"):
+        store = prepare_store(scan_folder(flat_folder), out, [8], workers=0, progress=False)
+    assert any("leftover" in r.getMessage() for r in caplog.records)
+    assert len(store) == 12
+    assert [p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")] == ["s"]
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_store(flat_folder, tmp_path):
+    with pytest.raises(DataError, match="not a store"):
+        prepare_store(scan_folder(flat_folder), flat_folder, [8], workers=0, progress=False)
+    assert (flat_folder / "a" / "000.png").is_file()
+
+
+def test_nothing_decodable_is_an_error_and_leaves_nothing(tmp_path):
+    (tmp_path / "d" / "x").mkdir(parents=True)
+    (tmp_path / "d" / "x" / "bad.jpg").write_bytes(b"nope")
+    with pytest.raises(DataError, match="could be decoded"):
+        prepare_store(load_index(tmp_path / "d"), tmp_path / "s", [8], workers=0, progress=False)
+    assert not (tmp_path / "s").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_pickled_store_does_not_carry_pixels(flat_folder, tmp_path):
+    store = prepare_store(scan_folder(flat_folder), tmp_path / "s", [64], workers=0, progress=False)
+    store.images(64)
+    data = pickle.dumps(store)
+    assert len(data) < 12 * 64 * 64 * 3 // 4
+    clone = pickle.loads(data)
+    assert np.array_equal(clone.images(64), store.images(64))
+
+
+def test_to_index_round_trip(flat_folder, tmp_path):
+    index = scan_folder(flat_folder)
+    store = prepare_store(index, tmp_path / "s", [8], workers=0, progress=False)
+    back = store.to_index()
+    assert back.paths == index.paths and back.targets == index.targets
+    assert back.classes == index.classes and back.root == index.root
+
+
+def test_store_for_caches_by_source_and_reprepares_changes(flat_folder, tmp_path, count_decodes):
+    cache = tmp_path / "cache"
+    store = store_for(flat_folder, [8], cache_dir=cache, workers=0, progress=False)
+    assert store.path.parent == cache and len(count_decodes) == 12
+    again = store_for(str(flat_folder), [8], cache_dir=cache, workers=0, progress=False)
+    assert again.path == store.path and len(count_decodes) == 12
+    other = store_for(flat_folder, [8], mode="shorter", cache_dir=cache, workers=0, progress=False)
+    assert other.path != store.path
+    write_flat_folder(flat_folder, {"d": 2})
+    grown = store_for(flat_folder, [8], cache_dir=cache, workers=0, progress=False)
+    assert grown.path == store.path and len(grown) == 14 and grown.classes[-1] == "d"
+
+
+def test_store_for_uses_environment_cache_and_opens_stores(flat_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPIMAGE_CACHE", str(tmp_path / "env_cache"))
+    store = store_for(flat_folder, [8, 12], workers=0, progress=False)
+    assert store.path.parent == tmp_path / "env_cache"
+    direct = store_for(store.path, [12])
+    assert direct.path == store.path
+    with pytest.raises(DataError, match="asked for sizes"):
+        store_for(store.path, [16])
+
+
+def test_store_for_index_subsets_get_their_own_stores(flat_folder, tmp_path):
+    train, val = split_index(scan_folder(flat_folder), 0.25, seed=0)
+    a = store_for(train, [8], cache_dir=tmp_path, workers=0, progress=False)
+    b = store_for(val, [8], cache_dir=tmp_path, workers=0, progress=False)
+    assert a.path != b.path
+    assert len(a) + len(b) == 12 and not set(a.paths) & set(b.paths)
+
+
+def test_decode_error_type_is_not_a_data_error():
+    # DecodeError marks one bad file (skipped); DataError means the data set is unusable.
+    assert not issubclass(DecodeError, DataError)

@@ -1,0 +1,131 @@
+"""Kill-and-resume exactness: a run killed at any moment and resumed ends bitwise identical.
+
+Real processes: ``python -m deepimage train`` is started, killed with SIGKILL (or stopped
+with SIGINT) in the middle of an epoch, and resumed with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from deepimage.runs import load_state
+
+pytestmark = pytest.mark.slow
+
+
+def write_noise_folder(root: Path, classes: int = 4, per_class: int = 18, size: int = 40):
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            base = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            base[:, :, c % 3] = (base[:, :, c % 3] // 2) + 100  # a learnable colour bias
+            Image.fromarray(base).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def train_cmd(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "deepimage", "-q", "train",
+        "--data", str(data), "--out", str(out), "--cache-dir", str(cache),
+        "--model", "vgg16_deepimage", "--width", "0.0625", "--size", "40", "--crop", "32",
+        "--epochs", "3", "--batch-size", "8", "--checkpoint-every", "1", "--workers", "2",
+        "--lr", "0.05", "--no-progress", "--no-tensorboard", *extra,
+    ]  # fmt: skip
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["OMP_NUM_THREADS"] = "1"  # identical thread count in every process of the comparison
+    return e
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    data = write_noise_folder(root / "data")
+    out = root / "uninterrupted"
+    subprocess.run(train_cmd(data, out, root / "cache"), check=True, env=env(), timeout=300)
+    return root, data, out
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        try:
+            state = load_state(run / "checkpoint.safetensors")
+            if state["global_step"] >= step:
+                return int(state["global_step"])
+        except Exception:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"no checkpoint at step {step}")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), f"{key} differs after resume"
+    rows = [
+        [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+        for lines in ((a / "metrics.jsonl").read_text().splitlines(),
+                      (b / "metrics.jsonl").read_text().splitlines())
+    ]  # fmt: skip
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(reference):
+    root, data, ref = reference
+    out = root / "killed"
+    cmd = train_cmd(data, out, root / "cache")
+    # Kill twice at different points (the second time in a later epoch), resuming each time.
+    for kill_at in (4, 13):
+        proc = subprocess.Popen(cmd + (["--resume"] if out.exists() else []), env=env())
+        reached = wait_for_step(out, kill_at, proc)
+        time.sleep(0.05 * (kill_at % 3))  # land anywhere inside the next step
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        assert reached % 8 != 0  # 64 training images, 8 steps per epoch: mid-epoch
+    assert not (out / "model.safetensors").exists()
+    subprocess.run(cmd + ["--resume"], check=True, env=env(), timeout=300)
+    assert_same_run(ref, out)
+
+
+def test_sigint_saves_and_resume_is_bitwise_exact(reference):
+    root, data, ref = reference
+    out = root / "interrupted"
+    cmd = train_cmd(data, out, root / "cache")
+    proc = subprocess.Popen(cmd, env=env())
+    wait_for_step(out, 9, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    state = load_state(out / "checkpoint.safetensors")
+    assert 9 <= state["global_step"] < 24
+    subprocess.run(cmd + ["--resume"], check=True, env=env(), timeout=300)
+    assert_same_run(ref, out)
+
+
+def test_existing_run_is_not_overwritten_without_resume(reference):
+    root, data, ref = reference
+    before = (ref / "model.safetensors").read_bytes()
+    result = subprocess.run(
+        train_cmd(data, ref, root / "cache"), env=env(), capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert (ref / "model.safetensors").read_bytes() == before
