@@ -106,7 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
 
     sub.add_parser("models", help="list model names")
+
+    p = sub.add_parser("bench", help="benchmarks (see also benchmarks/)")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    add_bench_parsers(bench)
     return parser
+
+
+# Each benchmark registers a parser here and a runner in BENCHES (name -> function(args) -> int).
+BENCHES: dict[str, Any] = {}
+
+
+def add_bench_parsers(bench: argparse._SubParsersAction) -> None:
+    """Sub-commands of ``deepimage bench``."""
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -218,6 +230,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    return BENCHES[args.bench](args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from deepimage.demo import run_demo
 
@@ -232,6 +248,7 @@ COMMANDS = {
     "evaluate": _cmd_evaluate,
     "predict": _cmd_predict,
     "models": _cmd_models,
+    "bench": _cmd_bench,
 }
 
 

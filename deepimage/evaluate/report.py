@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 MAX_TICK_LABELS = 30  # above this many classes, axis tick labels are hidden
 MAX_ANNOTATED = 15  # up to this many classes, cells show their counts
+MAX_CELLS = 250  # larger matrices are drawn in blocks of classes, summed
 _LABEL_CHARS = 28
 
 # dark-to-bright green, as in density plots of large confusion matrices
@@ -59,6 +60,19 @@ def _tick_labels(labels: Sequence[str] | None, n: int) -> list[str]:
     return out
 
 
+def _block_sum(m: np.ndarray) -> tuple[np.ndarray, int]:
+    """Sum f x f blocks of a large matrix so it has at most MAX_CELLS rows (like datashader's
+    aggregation: sparse counts stay visible instead of being lost when the image is scaled)."""
+    n = m.shape[0]
+    f = max(1, math.ceil(n / MAX_CELLS))
+    if f == 1:
+        return m, 1
+    padded = np.zeros((math.ceil(n / f) * f,) * 2, dtype=m.dtype)
+    padded[:n, :n] = m
+    b = padded.shape[0] // f
+    return padded.reshape(b, f, b, f).sum(axis=(1, 3)), f
+
+
 def _matrix_figsize(n: int) -> tuple[float, float]:
     side = min(20.0, max(6.0, 3.0 + 0.32 * n)) if n <= MAX_TICK_LABELS else 10.0
     return side + 1.5, side
@@ -78,6 +92,16 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
             tmp.unlink()
     logger.debug("wrote %s", path)
     return path
+
+
+def _imshow_args(n: int, f: int) -> dict[str, Any]:
+    """Pixel-exact cells; with f x f blocks, the extent keeps axes in class-index units."""
+    edge = -0.5 + (math.ceil(n / f) * f if f > 1 else n)
+    return {"interpolation": "nearest", "extent": (-0.5, edge, edge, -0.5), "aspect": "equal"}
+
+
+def _blocks(f: int) -> str:
+    return f" (cells sum {f}x{f} classes)" if f > 1 else ""
 
 
 def _matrix_axes(ax: plt.Axes, labels: list[str], n: int) -> None:
@@ -104,12 +128,13 @@ def plot_confusion(
     """
     counts = _as_matrix(confusion).astype(np.int64)
     n = counts.shape[0]
-    totals = counts.sum(axis=1, keepdims=True)
-    norm = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     names = _tick_labels(labels, n)
+    blocks, f = _block_sum(counts)
+    totals = blocks.sum(axis=1, keepdims=True)
+    norm = np.divide(blocks, totals, out=np.zeros(blocks.shape), where=totals > 0)
 
     fig, ax = plt.subplots(figsize=_matrix_figsize(n))
-    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, **_imshow_args(n, f))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     _matrix_axes(ax, names, n)
     if n <= MAX_ANNOTATED:
@@ -121,7 +146,7 @@ def plot_confusion(
                         j, i, str(counts[i, j]), ha="center", va="center", fontsize=8, color=colour
                     )
     acc = np.trace(counts) / max(int(counts.sum()), 1)
-    ax.set_title(f"{title}\n{int(counts.sum())} images, top-1 accuracy {acc:.1%}")
+    ax.set_title(f"{title}\n{int(counts.sum())} images, top-1 accuracy {acc:.1%}{_blocks(f)}")
     return _save(fig, path)
 
 
@@ -140,22 +165,22 @@ def plot_top5_histogram(
     pairs = _as_matrix(top5_pairs).astype(np.int64)
     n = pairs.shape[0]
     names = _tick_labels(labels, n)
-    vmax = max(int(pairs.max()), 1)
-    positive = pairs[pairs > 0]
+    blocks, f = _block_sum(pairs)
+    vmax = max(int(blocks.max()), 1)
+    positive = blocks[blocks > 0]
     use_log = positive.size > 0 and vmax / int(positive.min()) > 20
-    data = np.ma.masked_equal(pairs, 0).astype(float)
+    data = np.ma.masked_equal(blocks, 0).astype(float)
     norm = LogNorm(vmin=1, vmax=vmax) if use_log else Normalize(vmin=0, vmax=vmax)
     cmap = _DENSITY_CMAP.with_extremes(bad="#000000")
 
     fig, ax = plt.subplots(figsize=_matrix_figsize(n))
-    interpolation = "nearest" if n <= 200 else "antialiased"
-    im = ax.imshow(data, cmap=cmap, norm=norm, interpolation=interpolation)
+    im = ax.imshow(data, cmap=cmap, norm=norm, **_imshow_args(n, f))
     scale = "log scale" if use_log else "linear scale"
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=f"count ({scale})")
     _matrix_axes(ax, names, n)
     total = int(pairs.sum())
     on_diag = int(np.trace(pairs))
-    ax.set_title(f"{title}\n{total} (true, predicted) pairs, {on_diag} on the diagonal")
+    ax.set_title(f"{title}\n{total} (true, predicted) pairs, {on_diag} on the diagonal{_blocks(f)}")
     return _save(fig, path)
 
 

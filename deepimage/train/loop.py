@@ -21,11 +21,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from deepimage.augment.crop_flip import apply_crop_flip, sample_crop_flip
+from deepimage.augment.pipeline import build_train_augment
 from deepimage.config import TrainConfig, config_to_dict, save_config
 from deepimage.data.loader import eval_batches, iterate_batches, stratified_split, train_batches
 from deepimage.data.store import Store, store_for
-from deepimage.data.transforms import to_model_input
 from deepimage.inference import evaluate_batches, resolve_device
 from deepimage.metrics import ClassificationMeter
 from deepimage.models import get_model
@@ -167,6 +166,16 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.augment = build_train_augment(
+            cfg.augment,
+            size=cfg.size,
+            crop=cfg.crop,
+            seed=cfg.seed,
+            mean=self.meta["mean"],
+            std=self.meta["std"],
+            stats=self.data.train_store.stats,
+            device=self.device,
+        )
         self.steps_per_epoch = len(self.data.train_rows) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -278,21 +287,11 @@ class Trainer:
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor):
         cfg = self.cfg
-        params = sample_crop_flip(
-            cfg.seed,
-            self.epoch,
-            rows.numpy(),
-            cfg.size,
-            cfg.crop,
-            flip=cfg.augment != "none",
-        )
-        if cfg.augment == "none":
-            params.top.fill_((cfg.size - cfg.crop) // 2)
-            params.left.fill_((cfg.size - cfg.crop) // 2)
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        crops = apply_crop_flip(images, params, cfg.crop)
-        x = to_model_input(crops, self.meta["mean"], self.meta["std"], None, cfg.channels_last)
+        x = self.augment(images, rows.numpy(), self.epoch)
+        if not cfg.channels_last:
+            x = x.contiguous()
         loss_total, logits = forward_backward(
             self.model,
             x,

@@ -6,6 +6,8 @@ import torch
 from PIL import Image
 
 from deepimage.evaluate.report import (
+    MAX_CELLS,
+    _block_sum,
     plot_confusion,
     plot_curves,
     plot_top5_histogram,
@@ -39,7 +41,7 @@ def _meter(num_classes: int, n: int, seed: int = 0) -> ClassificationMeter:
     return meter
 
 
-@pytest.mark.parametrize("num_classes", [3, 12, 40])
+@pytest.mark.parametrize("num_classes", [3, 12, 40, 600])
 def test_plot_confusion_and_top5(tmp_path, num_classes):
     r = _meter(num_classes, 400).results()
     labels = [f"c{i:02d} class number {i}" for i in range(num_classes)]
@@ -123,3 +125,15 @@ def test_per_class_csv_round_trip(tmp_path):
     path2 = write_per_class_csv(per_class, None, tmp_path / "p2.csv")
     with open(path2, newline="", encoding="utf-8") as f:
         assert [r["class_id"] for r in csv.DictReader(f)] == ["0", "1", "2", "3"]
+
+
+def test_large_matrices_are_block_summed_not_subsampled():
+    m = np.arange(1, 601 * 601 + 1, dtype=np.int64).reshape(601, 601)
+    blocks, f = _block_sum(m)
+    assert f == 3 and blocks.shape == (201, 201) and blocks.shape[0] <= MAX_CELLS
+    assert blocks.sum() == m.sum()
+    assert blocks[0, 0] == m[:3, :3].sum()
+    assert blocks[-1, -1] == m[600, 600]  # padding adds nothing
+    small = np.eye(5, dtype=np.int64)
+    same, f1 = _block_sum(small)
+    assert f1 == 1 and same is small
