@@ -186,8 +186,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         f"store {store.path}: {len(store)} images, {len(store.classes)} classes, "
         f"sizes {' '.join(map(str, store.sizes))}, {len(store.skipped)} skipped"
     )
-    for item in store.skipped:
-        print(f"  skipped {item['path']}: {item['reason']}")
     return 0
 
 

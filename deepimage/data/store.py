@@ -465,6 +465,8 @@ def prepare_store(
         store = _reusable(out_p, fingerprint)
         if store is not None:
             logger.info("store %s is up to date (%d images)", out_p, len(store))
+            for item in store.skipped:  # report them on every use, not just the first
+                logger.warning("skipped %s: %s", item["path"], item["reason"])
             return store
         for left in _leftovers(out_p):
             logger.warning("removing leftover of an interrupted preparation: %s", left)
@@ -525,7 +527,7 @@ def _build(
                 outer_sum += s2
             else:
                 path = index.samples[row].path
-                logger.debug("skipped %s: %s", path, error)  # callers report skips
+                logger.warning("skipped %s: %s", path, error)
                 skipped.append({"path": path, "reason": error})
     finally:
         bar.close()

@@ -149,8 +149,6 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.data = prepare_data(cfg)
-        for item in self.data.skipped:
-            logger.warning("skipped %s: %s", item["path"], item["reason"])
         self.classes = self.data.classes
         self.num_classes = len(self.classes)
         self.model = get_model(
