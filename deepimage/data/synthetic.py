@@ -50,9 +50,9 @@ CLASSES: tuple[tuple[str, str], ...] = (
 )
 
 _SUPERSAMPLE = 2
-_MIN_DIAMETER = 0.12  # fraction of the frame
-_MAX_DIAMETER = 0.60
-_MIN_CONTRAST = 90.0  # RGB distance between shape colour and background mean
+_MIN_DIAMETER = 0.15  # fraction of the frame
+_MAX_DIAMETER = 0.75
+_MIN_CONTRAST = 110.0  # RGB distance between shape colour and background mean
 
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,125 @@
+"""The command-line contract end to end: train on a messy folder, evaluate, predict, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from deepimage.cli import main
+from tests.data.messy import make_messy_folder
+
+TINY = ["--model", "vgg16_deepimage", "--width", "0.0625", "--size", "40", "--crop", "32"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained through the CLI on the messy folder."""
+    root = tmp_path_factory.mktemp("cli")
+    messy = make_messy_folder(root / "messy")
+    run = root / "run"
+    code = main(
+        ["-q", "train", "--data", str(messy["root"]), "--out", str(run), *TINY]
+        + ["--epochs", "2", "--batch-size", "4", "--val-split", "0.25", "--workers", "0"]
+        + ["--cache-dir", str(root / "cache"), "--no-progress"]
+    )
+    assert code == 0
+    return root, messy, run
+
+
+def test_messy_folder_trains_to_the_end_and_reports_each_skipped_file(trained, capsys):
+    root, messy, run = trained
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("classes", "n_train_images", "n_val_images", "skipped", "val_top1", "val_top5"):
+        assert key in summary
+    assert summary["classes"] == messy["classes"]  # empty class folders left out
+    assert summary["n_train_images"] + summary["n_val_images"] == len(messy["ok"])
+    skipped = {str(Path(s["path"]).relative_to(messy["root"])) for s in summary["skipped"]}
+    assert skipped == set(messy["skipped"])
+    assert all(s["reason"] for s in summary["skipped"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "train_top1", "train_top5", "val_top1", "val_top5", "lr"):
+        assert rows[-1][key] is not None
+    assert rows[-1]["images_per_s"] > 0
+    for name in ("model.safetensors", "model.json", "config.yaml", "curves.png"):
+        assert (run / name).stat().st_size > 0
+    assert any((run / "tb").iterdir())
+
+
+def test_evaluate_writes_the_report(trained, capsys):
+    root, messy, run = trained
+    out = root / "report"
+    assert main(["-q", "evaluate", str(run), "--data", str(messy["root"]), "--out", str(out),
+                 "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == len(messy["ok"])
+    assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
+    assert 0 <= metrics["mean_class_acc"] <= 1
+    lines = (out / "per_class.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(messy["classes"])
+    for name in ("confusion.png", "top5_confusion.png"):
+        with Image.open(out / name) as im:
+            assert im.size[0] > 100
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_predict_prints_ids_names_and_probabilities(trained, capsys):
+    root, messy, run = trained
+    image = messy["root"] / messy["ok"][0]
+    assert main(["predict", str(run), str(image), "--topk", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(image) and len(lines) == 3
+    names = messy["class_names"]
+    for line in lines[1:]:
+        label, prob = line.rsplit(maxsplit=1)
+        class_id = label.split()[0]
+        assert label.strip() == f"{class_id} {names[class_id]}".strip()
+        assert 0 <= float(prob) <= 1
+    assert main(["predict", str(run), str(image), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    probs = [p["probability"] for p in result["top"]]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+    assert sum(probs) == pytest.approx(1, abs=1e-4)
+
+
+def test_predict_reports_an_unreadable_file_and_goes_on(trained, capsys):
+    root, messy, run = trained
+    bad = messy["root"] / next(iter(messy["skipped"]))
+    good = messy["root"] / messy["ok"][0]
+    assert main(["predict", str(run), str(bad), str(good), "--json"]) == 1
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "error" in out[0] and "top" in out[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["train", "--data", "nowhere", "--out", "x", "--lr", "-1"], "'lr'"),
+        (["train", "--data", "nowhere", "--out", "x", "--crop", "300"], "'crop'"),
+        (["evaluate", "no-such-run", "--data", "d"], "no-such-run"),
+        (["predict", "no-such-run.safetensors", "img.jpg"], "no-such-run.safetensors"),
+    ],
+)
+def test_user_errors_are_one_line_naming_the_culprit(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deepimage: error:") and needle in err and "\n" not in err
+
+
+def test_bad_config_file_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 2\nlearning_rate: 0.1\n")
+    assert main(["train", "--config", str(cfg), "--data", "d", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "'learning_rate'" in err and str(cfg) in err
+
+
+def test_corrupted_weights_give_a_clear_error(tmp_path, capsys):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    assert main(["predict", str(weights), "x.jpg"]) == 2
+    assert "corrupted" in capsys.readouterr().err
