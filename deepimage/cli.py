@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=S, help="source resolution S (default 256)")
     p.add_argument("--crop", type=int, default=S, help="crop / input size (default 224)")
     p.add_argument("--resize-mode", choices=["stretch", "shorter"], default=S)
-    p.add_argument("--augment", choices=["crop_flip", "none"], default=S)
+    p.add_argument("--augment", choices=["deepimage", "alexnet", "crop_flip", "none"], default=S)
     p.add_argument("--epochs", type=int, default=S)
     p.add_argument("--max-steps", type=int, default=S, help="stop after N optimizer steps")
     p.add_argument("--batch-size", type=int, default=S, help="images per optimizer step")
@@ -54,6 +55,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=S)
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--workers", type=int, default=S)
+    p.add_argument("--sync", choices=["ddp", "butterfly", "lazy"], default=S,
+                   help="gradient sync across torchrun processes (default ddp)")  # fmt: skip
+    p.add_argument("--sync-bn", action="store_true", default=S, help="synchronised batch norm")
+    p.add_argument("--bucket-mb", type=float, default=S, help="gradient bucket size (MiB)")
+    p.add_argument("--dist-timeout", type=float, default=S, help="collective timeout (s)")
     p.add_argument("--checkpoint-every", type=int, default=S, help="steps between checkpoints")
     p.add_argument("--cache-dir", default=S, help="where folders are prepared into stores")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S)
@@ -107,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list model names")
 
+    from deepimage.augment.cli import add_parser as add_augment_parser
+
+    add_augment_parser(sub)
+
     p = sub.add_parser("bench", help="benchmarks (see also benchmarks/)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     add_bench_parsers(bench)
@@ -114,11 +124,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Each benchmark registers a parser here and a runner in BENCHES (name -> function(args) -> int).
-BENCHES: dict[str, Any] = {}
+def _bench_augment(args: argparse.Namespace) -> int:
+    from deepimage.augment.cli import run_bench
+
+    return run_bench(args)
+
+
+def _bench_scaling(args: argparse.Namespace) -> int:
+    from deepimage.parallel.scaling import bench_scaling, plot_scaling, print_scaling, spec_with
+
+    out = Path(args.out)
+    spec = spec_with(model=args.model, width=args.width, image_size=args.image_size,
+                     batch_per_rank=args.batch_per_rank, steps=args.steps)  # fmt: skip
+    result = bench_scaling(args.procs, args.sync, spec, out)
+    print_scaling(result)
+    (out / "scaling.json").write_text(json.dumps(result, indent=2))
+    plot_scaling(result, out / "scaling.png")
+    print(f"table and plot: {out / 'scaling.json'}, {out / 'scaling.png'}")
+    return 0
+
+
+def _bench_simulate(args: argparse.Namespace) -> int:
+    from deepimage.parallel.scaling import print_simulation, simulate
+
+    measured = json.loads(Path(args.measured).read_text()) if args.measured else None
+    print_simulation(simulate(measured))
+    return 0
+
+
+BENCHES: dict[str, Any] = {
+    "augment": _bench_augment,
+    "scaling": _bench_scaling,
+    "simulate": _bench_simulate,
+}
+
+
+def _add_parallel_benches(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("scaling", help="data-parallel step time, sync time and bytes vs N")
+    p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--sync", nargs="+", choices=["ddp", "butterfly", "lazy"],
+                   default=["ddp", "butterfly", "lazy"])  # fmt: skip
+    p.add_argument("--model", default=None, help="default vgg16_deepimage")
+    p.add_argument("--width", type=float, default=None, help="default 0.25")
+    p.add_argument("--image-size", type=int, default=None, help="default 64")
+    p.add_argument("--batch-per-rank", type=int, default=None, help="default 16")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 6)")
+    p.add_argument("--out", default="bench-scaling", help="folder for the JSON and PNG")
+    p = bench.add_parser("simulate", help="scaling model calibrated on the paper's Minwa")
+    p.add_argument("--measured", default=None, help="scaling.json of `bench scaling` to check")
 
 
 def add_bench_parsers(bench: argparse._SubParsersAction) -> None:
     """Sub-commands of ``deepimage bench``."""
+    from deepimage.augment.cli import add_bench_parser as add_augment_bench
+
+    add_augment_bench(bench)
+    _add_parallel_benches(bench)
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -147,7 +208,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg, resume=args.resume)
     if summary.get("stopped"):
         return 130
-    _print_summary(summary, cfg.out)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary for the job
+        _print_summary(summary, cfg.out)
     return 0
 
 
@@ -239,7 +301,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_augment(args: argparse.Namespace) -> int:
+    from deepimage.augment.cli import run
+
+    return run(args)
+
+
 COMMANDS = {
+    "augment": _cmd_augment,
     "demo": _cmd_demo,
     "prepare": _cmd_prepare,
     "train": _cmd_train,

@@ -22,7 +22,8 @@ Precision = Literal["bf16", "fp32"]
 Schedule = Literal["plateau", "step", "exp", "constant"]
 LrScaling = Literal["none", "linear"]
 ResizeMode = Literal["stretch", "shorter"]
-AugmentPreset = Literal["crop_flip", "none"]
+SyncName = Literal["ddp", "butterfly", "lazy"]
+AugmentPreset = Literal["deepimage", "alexnet", "crop_flip", "none"]
 
 
 class ConfigError(ValueError):
@@ -43,7 +44,7 @@ class TrainConfig:
     resize_mode: ResizeMode = (
         "stretch"  # "stretch" to S x S (paper) or "shorter" side + centre crop
     )
-    augment: AugmentPreset = "crop_flip"
+    augment: AugmentPreset = "deepimage"  # paper 4.1 (deepimage.augment.pipeline.PRESETS)
     workers: int = 2  # data-loading worker processes (0: in the main process)
     max_pixels: int = 178_956_970  # decompression-bomb cap, in pixels
     cache_dir: str | None = None  # where folders are prepared into stores
@@ -72,6 +73,11 @@ class TrainConfig:
     channels_last: bool = True
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     seed: int = 0
+    # distributed (torchrun): the global batch_size is split evenly across processes
+    sync: SyncName = "ddp"  # gradient sync: ddp, butterfly (paper 3.1) or lazy (paper 3.1)
+    sync_bn: bool = False  # batch-norm statistics over the global batch (CUDA)
+    bucket_mb: float = 25.0  # gradient bucket size of ddp and butterfly, in MiB
+    dist_timeout: float = 600.0  # seconds before a hung collective is an error
     checkpoint_every: int = (
         100  # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
     )
@@ -107,6 +113,9 @@ class TrainConfig:
                 f"config key 'accum_steps': {self.accum_steps} does not divide "
                 f"batch_size {self.batch_size}"
             )
+        if self.bucket_mb <= 0 or self.dist_timeout <= 0:
+            key = "bucket_mb" if self.bucket_mb <= 0 else "dist_timeout"
+            raise ConfigError(f"config key '{key}': must be > 0, got {getattr(self, key)}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"config key 'max_steps': must be > 0, got {self.max_steps}")
         if not 0 < self.gamma <= 1:

@@ -4,51 +4,150 @@
 ``(B, S, S, 3)`` uint8 batch already on the training device, ``rows`` the images' store rows
 (their identity for the keyed random draws) and ``x`` the normalised float ``(B, 3, C, C)``
 input, channels_last in memory. Every parameter is a pure function of (seed, epoch, row).
+
+Presets (:data:`PRESETS`): ``deepimage`` the paper's full set (section 4.1, Table 1; the
+training default), ``alexnet`` crop, flip and PCA lighting, ``crop_flip`` and ``none``
+(centre crop).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from deepimage.augment.crop_flip import apply_crop_flip, sample_crop_flip
-from deepimage.data.transforms import center_crop, to_model_input
+from deepimage.augment.ops import _Normalise, apply_params, apply_to_sources
+from deepimage.augment.params import (
+    AugmentConfig,
+    AugmentParams,
+    ColourCast,
+    Crop,
+    Flip,
+    Lens,
+    Lighting,
+    Rotation,
+    Vignette,
+    sample_params,
+)
 
 TrainAugment = Callable[[torch.Tensor, np.ndarray, int], torch.Tensor]
 
+_OFF = {
+    "rotation": Rotation(p=0.0),
+    "lens": Lens(p=0.0),
+    "vignette": Vignette(p=0.0),
+    "cast": ColourCast(p=0.0),
+    "lighting": Lighting(p=0.0),
+}
 
-def _crop_flip(
-    size: int, crop: int, seed: int, mean: Sequence[float], std: Sequence[float], flip: bool
-) -> TrainAugment:
-    def augment(images: torch.Tensor, rows: np.ndarray, epoch: int) -> torch.Tensor:
-        params = sample_crop_flip(seed, epoch, rows, size, crop, flip=flip)
-        return to_model_input(apply_crop_flip(images, params, crop), mean, std)
-
-    return augment
-
-
-def _none(
-    size: int, crop: int, seed: int, mean: Sequence[float], std: Sequence[float]
-) -> TrainAugment:
-    def augment(images: torch.Tensor, rows: np.ndarray, epoch: int) -> torch.Tensor:
-        return to_model_input(center_crop(images, crop), mean, std)
-
-    return augment
-
-
-PRESETS: dict[str, Callable[..., TrainAugment]] = {
-    "crop_flip": lambda size, crop, seed, mean, std, **kw: _crop_flip(
-        size, crop, seed, mean, std, flip=True
-    ),
-    "none": lambda size, crop, seed, mean, std, **kw: _none(size, crop, seed, mean, std),
+PRESETS: dict[str, AugmentConfig] = {
+    "deepimage": AugmentConfig(),
+    "alexnet": AugmentConfig(**{**_OFF, "lighting": Lighting(p=1.0)}),
+    "crop_flip": AugmentConfig(**_OFF),
+    "none": AugmentConfig(crop=Crop(random=False), flip=Flip(p=0.0), **_OFF),
 }
 
 
+def _use_count(t: torch.Tensor) -> int:
+    """How many tensors share ``t``'s memory (0 where torch cannot tell)."""
+    try:
+        return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
+    except (AttributeError, RuntimeError):
+        return 0
+
+
+def preset_config(preset: str | AugmentConfig) -> AugmentConfig:
+    """The :class:`AugmentConfig` of a preset name (or the config itself)."""
+    if isinstance(preset, AugmentConfig):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown augmentation preset {preset!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+@dataclass
+class Augment:
+    """A configured augmentation: ``augment(images, rows, epoch)`` for a uint8 batch,
+    ``params`` to sample (and inspect or replay) and ``apply`` to apply given parameters,
+    ``sources`` for decoded photos of any size (the resize folded into the warp).
+
+    On CPU the output buffer of one call is reused by the next once nothing refers to the
+    previous result any more; use one instance per thread.
+    """
+
+    config: AugmentConfig
+    size: int
+    crop: int
+    seed: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    stats: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.crop > self.size:
+            raise ValueError(f"crop {self.crop} is larger than the images ({self.size})")
+        if self.config.lighting.p > 0 and (not self.stats or "eigval" not in self.stats):
+            raise ValueError("PCA lighting needs the store's stats (eigval, eigvec)")
+        self._norm = _Normalise(self.mean, self.std)
+        self._buffer: tuple[torch.Tensor, int] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_buffer"] = None  # a worker process allocates its own
+        return state
+
+    def params(self, rows: np.ndarray | Sequence[int], epoch: int) -> AugmentParams:
+        return sample_params(self.config, self.seed, epoch, rows, self.size, self.crop, self.stats)
+
+    def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        if images.shape[1:] != (self.size, self.size, 3):
+            raise ValueError(
+                f"expected (B, {self.size}, {self.size}, 3) uint8 images, got {tuple(images.shape)}"
+            )
+        out = self._output(len(images), images.device)
+        return apply_params(images, params, self.crop, self.mean, self.std, self._norm, out)
+
+    def _output(self, n: int, device: torch.device) -> torch.Tensor:
+        """The output buffer of the previous call when nothing refers to it any more, else a
+        new one: a fresh (B, C, C, 3) float tensor costs page faults on every batch."""
+        shape = (n, self.crop, self.crop, 3)
+        if device.type == "cpu" and self._buffer is not None:
+            buf, count = self._buffer
+            if buf.shape == shape and _use_count(buf) == count:
+                return buf
+        buf = torch.empty(shape, dtype=torch.float32, device=device)
+        if device.type == "cpu":
+            count = _use_count(buf)
+            self._buffer = (buf, count) if count > 0 else None
+        return buf
+
+    def __call__(self, images: torch.Tensor, rows: np.ndarray, epoch: int) -> torch.Tensor:
+        return self.apply(images, self.params(rows, epoch))
+
+    def sources(
+        self,
+        images: Sequence[torch.Tensor],
+        rows: np.ndarray | Sequence[int],
+        epoch: int,
+        mode: str = "stretch",
+    ) -> torch.Tensor:
+        """Decoded ``(H, W, 3)`` uint8 images of any sizes (e.g. ``open_image(path,
+        draft_size=S)`` as arrays) -> ``(B, 3, C, C)``, as if each had been resized to S x S
+        first (``mode`` as the store's) and then augmented: one interpolation in all.
+
+        The resize is bilinear without the store's antialiasing; decoded with Pillow's
+        ``draft`` (reduced DCT scale) a photo is under 2 S per side, so this aliases little.
+        """
+        p = self.params(rows, epoch)
+        out = self._output(len(images), images[0].device if len(images) else torch.device("cpu"))
+        return apply_to_sources(images, p, self.size, self.crop, self._norm, mode, out)
+
+
 def build_train_augment(
-    preset: str,
+    preset: str | AugmentConfig,
     *,
     size: int,
     crop: int,
@@ -57,9 +156,10 @@ def build_train_augment(
     std: Sequence[float],
     stats: dict[str, Any] | None = None,
     device: torch.device | None = None,
-) -> TrainAugment:
-    """The preset's augmentation; ``stats`` are the store's pixel statistics (PCA lighting)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown augmentation preset {preset!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[preset](size=size, crop=crop, seed=seed, mean=mean, std=std, stats=stats,
-                           device=device)  # fmt: skip
+) -> Augment:
+    """The preset's augmentation; ``stats`` are the store's pixel statistics (PCA lighting).
+
+    ``device`` is accepted for the trainer's call; the augmentation runs wherever the images
+    are (CPU or CUDA).
+    """
+    return Augment(preset_config(preset), size, crop, seed, tuple(mean), tuple(std), stats)

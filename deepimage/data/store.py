@@ -53,7 +53,10 @@ LABELS = "labels.npy"
 PATHS = "paths.json"
 SKIPPED = "skipped.json"
 CACHE_ENV = "DEEPIMAGE_CACHE"
-MP_START_METHOD = "spawn"  # safe with threads (torch, BLAS) in the parent process
+# Decoding workers run only Pillow and NumPy, so forking is safe where it exists; unlike
+# "spawn", it does not re-import the caller's script, which would hang or recurse in a
+# script without an ``if __name__ == "__main__":`` guard.
+MP_START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
 class IncompleteStoreError(DataError):

@@ -1,9 +1,16 @@
-"""Single-process training: config -> data -> model -> optimizer -> resume -> epoch loop.
+"""Training: config -> distributed init -> data -> model -> optimizer and sync -> resume -> loop.
 
 Exact resume is the contract. A checkpoint holds the weights, optimizer, schedule, position
 within the epoch, partial epoch statistics and the RNG state; the data order and every
 augmentation are pure functions of (seed, epoch, image), so a run killed at any instant and
 resumed from its last checkpoint ends with weights bitwise identical to an uninterrupted run.
+
+Under torchrun the same loop runs data-parallel: every global batch (``batch_size`` images,
+the same sequence for any number of processes) is cut into equal contiguous slices, one per
+rank; a gradient-sync strategy (:mod:`deepimage.parallel`) makes the update the mean over the
+global batch; dropout masks are keyed by image, so the weights do not depend on the number
+of processes. Checkpoints hold the full (unsharded) state and are written by rank 0 alone,
+so a run resumes on any number of processes; torchrun restarts resume automatically.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from deepimage.augment.pipeline import build_train_augment
-from deepimage.config import TrainConfig, config_to_dict, save_config
+from deepimage.config import ConfigError, TrainConfig, config_to_dict, save_config
 from deepimage.data.loader import eval_batches, iterate_batches, stratified_split, train_batches
 from deepimage.data.store import Store, store_for
 from deepimage.inference import evaluate_batches, resolve_device
 from deepimage.metrics import ClassificationMeter
 from deepimage.models import get_model
+from deepimage.parallel import dist as pdist
+from deepimage.parallel.strategy import broadcast_model, build_strategy
 from deepimage.runs import (
     CHECKPOINT,
     WEIGHTS,
@@ -146,9 +155,21 @@ class Trainer:
         if cfg.out is None:
             raise ValueError("config key 'out': no run folder given (--out RUN)")
         self.run = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
+        self.device = pdist.init_distributed(resolve_device(cfg.device), cfg.dist_timeout)
+        self.rank, self.world = pdist.rank(), pdist.world_size()
+        if cfg.batch_size % (self.world * cfg.accum_steps):
+            raise ConfigError(
+                f"config key 'batch_size': {cfg.batch_size} images per step cannot be split "
+                f"evenly into {self.world} processes x {cfg.accum_steps} micro-batches"
+            )
+        self.local_batch = cfg.batch_size // self.world
         torch.manual_seed(cfg.seed)
-        self.data = prepare_data(cfg)
+        if self.rank == 0:  # one process prepares the stores, the others then open them
+            self.data = prepare_data(cfg)
+            pdist.barrier("barrier(prepare data)")
+        else:
+            pdist.barrier("barrier(prepare data)")
+            self.data = prepare_data(cfg)
         self.classes = self.data.classes
         self.num_classes = len(self.classes)
         self.model = get_model(
@@ -161,9 +182,16 @@ class Trainer:
         self.meta = model_meta(
             cfg, self.model, self.classes, dict(self.data.train_store.class_names)
         )
+        if cfg.sync_bn and self.world > 1:
+            if self.device.type != "cuda":
+                raise ConfigError("config key 'sync_bn': synchronised batch norm needs CUDA")
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
+        broadcast_model(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.sync = build_strategy(cfg.sync, self.model, self.optimizer, bucket_mb=cfg.bucket_mb)
+        self.train_model = self.sync.wrap()
         self.augment = build_train_augment(
             cfg.augment,
             size=cfg.size,
@@ -193,27 +221,37 @@ class Trainer:
     # --- state -------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
+        """The full training state, the same for any world size (collective under torchrun)."""
+        self.sync.flush()
+        optimizer = self.sync.state_dict()
+        self._reduce_epoch_stats()
+        meter, loss_sum, epoch_images = (
+            self.meter.state_tensors(),
+            self.loss_sum,
+            self.epoch_images,
+        )
+        self._keep_stats_on_root()
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = list(torch.cuda.get_rng_state_all())
         return {
             "version": 1,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "schedule": self.schedule.state_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
-            "meter": self.meter.state_tensors(),
-            "loss_sum": self.loss_sum,
-            "epoch_images": self.epoch_images,
+            "meter": meter,
+            "loss_sum": loss_sum,
+            "epoch_images": epoch_images,
             "rng": rng,
             "config": json.dumps(config_to_dict(self.cfg)),
         }
 
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.sync.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
@@ -221,12 +259,29 @@ class Trainer:
         self.meter.load_state_tensors(list(state["meter"]))
         self.loss_sum = float(state["loss_sum"])
         self.epoch_images = int(state["epoch_images"])
+        self._keep_stats_on_root()  # the saved statistics are global: count them once
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
 
     def save_checkpoint(self) -> None:
-        save_state(self.run / CHECKPOINT, self.state())
+        state = self.state()
+        if self.rank == 0:
+            save_state(self.run / CHECKPOINT, state)
+
+    def _reduce_epoch_stats(self) -> None:
+        """Sum the epoch's statistics over ranks; afterwards every rank holds the totals."""
+        if self.world == 1:
+            return
+        pdist.all_reduce_meter(self.meter)
+        loss_sum, images = pdist.all_reduce_scalars([self.loss_sum, self.epoch_images])
+        self.loss_sum, self.epoch_images = loss_sum, int(round(images))
+
+    def _keep_stats_on_root(self) -> None:
+        """After a reduction, only rank 0 keeps the totals, so the next sum counts them once."""
+        if self.rank != 0:
+            self.meter = ClassificationMeter(self.num_classes)
+            self.loss_sum, self.epoch_images = 0.0, 0
 
     # --- run folder ----------------------------------------------------------------------
 
@@ -237,8 +292,9 @@ class Trainer:
                 f"{self.run} already holds a run: pass --resume to continue it, "
                 "or choose another --out"
             )
-        self.run.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run / "config.yaml")
+        if self.rank == 0:
+            self.run.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run / "config.yaml")
         state = load_latest_state(self.run) if resume else None
         if state is not None:
             self.load(state)
@@ -251,6 +307,8 @@ class Trainer:
             )
         elif resume:
             logger.info("nothing to resume in %s: starting afresh", self.run)
+        if self.rank != 0:
+            return
         self.history = self._read_history(keep_before=self.epoch)
         self._write_history()
         if self.cfg.tensorboard:
@@ -278,6 +336,8 @@ class Trainer:
         return rows
 
     def _write_history(self) -> None:
+        if self.rank != 0:
+            return
         text = "".join(json.dumps(row) + "\n" for row in self.history)
         atomic_write_text(self.run / "metrics.jsonl", text)
 
@@ -291,24 +351,29 @@ class Trainer:
         if not cfg.channels_last:
             x = x.contiguous()
         loss_total, logits = forward_backward(
-            self.model,
+            self.train_model,
             x,
             labels,
             accum_steps=cfg.accum_steps,
             precision=cfg.precision,
             label_smoothing=cfg.label_smoothing,
+            micro_step=self.sync.micro_step,
+            dropout_key=(rows, cfg.seed, self.global_step),
         )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.sync.step()
+        self.sync.zero_grad()
         self.meter.update(logits.cpu(), labels.cpu())
         self.loss_sum += loss_total
         self.epoch_images += len(x)
         return loss_total / len(x)
 
     def validate(self) -> dict[str, float] | None:
+        """Top-1/top-5 on the validation rows, each image counted once over all ranks."""
         if len(self.data.val_rows) == 0:
             return None
-        batches = eval_batches(self.data.val_rows, self.cfg.batch_size)
+        self.sync.flush()
+        shard = np.array_split(self.data.val_rows, self.world)[self.rank]  # no padding
+        batches = eval_batches(shard, max(1, self.cfg.batch_size // self.world))
         meter, _ = evaluate_batches(
             self.model,
             iterate_batches(self.data.val_store.path, self.cfg.size, batches, self.cfg.workers),
@@ -320,12 +385,14 @@ class Trainer:
             self.cfg.precision,
             self.cfg.channels_last,
             total=len(batches),
-            progress=self.cfg.progress,
+            progress=self.cfg.progress and self.rank == 0,
             desc="validate",
         )
+        pdist.all_reduce_meter(meter)
         return meter.results()
 
     def _end_epoch(self, seconds: float, partial: bool) -> dict[str, Any]:
+        self._reduce_epoch_stats()
         train = self.meter.results()
         val = self.validate()
         row = {
@@ -341,6 +408,7 @@ class Trainer:
         }
         if partial:
             row["partial"] = True
+        self._keep_stats_on_root()
         self.history.append(row)
         self._write_history()
         if self.writer is not None:
@@ -372,6 +440,8 @@ class Trainer:
                 todo = batches[self.step_in_epoch :]
                 if cfg.max_steps is not None:
                     todo = todo[: cfg.max_steps - self.global_step]
+                lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
+                todo = [batch[lo:hi] for batch in todo]  # this rank's slice of each batch
                 loader = iterate_batches(
                     self.data.train_store.path,
                     cfg.size,
@@ -384,7 +454,7 @@ class Trainer:
                     total=len(todo),
                     initial=0,
                     desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                    disable=not cfg.progress,
+                    disable=not cfg.progress or self.rank != 0,
                     dynamic_ncols=True,
                 )
                 start = time.perf_counter()
@@ -394,10 +464,12 @@ class Trainer:
                     self.step_in_epoch += 1
                     self.global_step += 1
                     elapsed = time.perf_counter() - start
-                    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{self.epoch_images / elapsed:.0f}")
+                    images_s = self.epoch_images * self.world / elapsed
+                    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_s:.0f}")
                     if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
-                    if stop.requested:
+                    if pdist.any_rank(stop.requested):
+                        stop.requested = True
                         break
                 bar.close()
                 if stop.requested:
@@ -434,13 +506,17 @@ class Trainer:
     def _draw_curves(self) -> None:
         from deepimage.evaluate.report import plot_curves
 
+        if self.rank != 0:
+            return
         try:
             plot_curves(self.history, self.run / "curves.png")
         except Exception as err:  # a plot must never end a training run
             logger.warning("could not draw curves.png: %s", err)
 
     def _finish(self) -> dict[str, Any]:
-        save_weights(self.run / WEIGHTS, self.model, self.meta)
+        self.sync.flush()
+        if self.rank == 0:
+            save_weights(self.run / WEIGHTS, self.model, self.meta)
         last = self.history[-1] if self.history else {}
         summary = {
             "model": self.cfg.model,
@@ -456,11 +532,25 @@ class Trainer:
             "train_top1": last.get("train_top1"),
             "train_top5": last.get("train_top5"),
         }
-        atomic_write_json(self.run / "summary.json", summary)
-        self._draw_curves()
+        if self.rank == 0:
+            atomic_write_json(self.run / "summary.json", summary)
+            self._draw_curves()
+        pdist.barrier("barrier(finish)")
         return summary
+
+    def close(self) -> None:
+        """Remove the sync strategy's hooks."""
+        self.sync.close()
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train as configured; returns the run summary (also in ``RUN/summary.json``)."""
-    return Trainer(cfg).fit(resume=resume)
+    """Train as configured; returns the run summary (also in ``RUN/summary.json``).
+
+    Under torchrun, a restarted job (``--max-restarts``) resumes from the last checkpoint.
+    """
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit(resume=resume or pdist.restart_count() > 0)
+    finally:
+        trainer.close()
+        pdist.destroy()

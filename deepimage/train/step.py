@@ -6,10 +6,14 @@ exact code path that trains.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from deepimage.inference import autocast
+from deepimage.models.common import dropout_keys
 
 
 def forward_backward(
@@ -20,20 +24,32 @@ def forward_backward(
     accum_steps: int = 1,
     precision: str = "bf16",
     label_smoothing: float = 0.0,
+    micro_step: Callable[[bool], contextlib.AbstractContextManager] | None = None,
+    dropout_key: tuple[torch.Tensor, int, int] | None = None,
 ) -> tuple[float, torch.Tensor]:
     """Accumulate gradients of the mean loss over ``x`` in ``accum_steps`` micro-batches.
 
-    Returns the summed loss (for logging) and the detached float32 logits.
+    ``micro_step(last)`` wraps each micro-batch (a gradient-sync strategy synchronises only
+    on the last one); ``dropout_key = (rows, seed, step)`` keys dropout masks by image (see
+    :func:`~deepimage.models.common.dropout_keys`). Returns the summed loss (for logging) and
+    the detached float32 logits.
     """
     micro = len(x) // accum_steps
     loss_total = 0.0
     logits_all = []
     for start in range(0, len(x), micro):
         xb, yb = x[start : start + micro], labels[start : start + micro]
-        with autocast(x.device, precision):
-            logits = model(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
-        (loss / accum_steps).backward()
+        last = start + micro >= len(x)
+        keys = contextlib.nullcontext()
+        if dropout_key is not None:
+            rows, seed, step = dropout_key
+            keys = dropout_keys(rows[start : start + micro], seed, step)
+        sync = micro_step(last) if micro_step is not None else contextlib.nullcontext()
+        with sync, keys:
+            with autocast(x.device, precision):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+            (loss / accum_steps).backward()
         loss_total += loss.item() * len(xb)
         logits_all.append(logits.detach().float())
     return loss_total, torch.cat(logits_all)

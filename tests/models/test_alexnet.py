@@ -9,6 +9,7 @@ from torch import nn
 
 from deepimage.models import get_model
 from deepimage.models.alexnet import MIN_IMAGE_SIZE, feature_size
+from deepimage.models.common import KeyedDropout
 
 from .helpers import build, count, make_input, n_params
 
@@ -29,7 +30,7 @@ def test_layer_layout() -> None:
         assert (pool.kernel_size, pool.stride) == (3, 2)  # overlapping
     kinds = [type(m) for m in model.classifier]
     assert kinds == [
-        nn.Flatten, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear,
+        nn.Flatten, nn.Linear, nn.ReLU, KeyedDropout, nn.Linear, nn.ReLU, KeyedDropout, nn.Linear,
     ]  # fmt: skip
     assert [m.p for m in model.classifier if isinstance(m, nn.Dropout)] == [0.5, 0.5]
 

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 from deepimage.models import get_model
+from deepimage.models.common import KeyedDropout
 from deepimage.models.vgg import cfgs, make_layers
 
 from .helpers import build, count, make_input, n_params
@@ -41,10 +42,10 @@ def test_layer_hyperparameters(name: str) -> None:
         nn.Flatten,
         nn.Linear,
         nn.ReLU,
-        nn.Dropout,
+        KeyedDropout,
         nn.Linear,
         nn.ReLU,
-        nn.Dropout,
+        KeyedDropout,
         nn.Linear,
     ]
     assert head[3].p == head[6].p == 0.5

@@ -1,0 +1,192 @@
+"""Butterfly synchronization (paper 3.1, Figure 1): reduce-scatter, sharded update, all-gather.
+
+The trainable parameters are grouped, in layer order, into buckets of about ``bucket_mb``;
+each bucket's flattened gradient is split into N equal parts (zero-padded to a multiple of
+N) and rank k owns part k (:attr:`Butterfly.ownership`). After backward:
+
+1. ``reduce_scatter_tensor`` leaves on rank k the sum over ranks of part k;
+2. rank k divides by N (the mean over the global batch) and applies the SGD update to its
+   part only, so the momentum buffers are sharded N ways (:attr:`Butterfly.momentum`);
+3. ``all_gather_into_tensor`` sends every rank the updated parameters of every part.
+
+Each rank sends ``(N-1)/N`` of the gradient in step 1 and ``(N-1)/N`` of the parameters in
+step 3: ``2 (N-1)/N`` x gradient bytes per step, a constant as N grows (the paper's
+"communication overhead independent of the number of GPUs"). Buckets are pipelined: the
+update of one bucket runs while later buckets are still being reduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deepimage.parallel import dist as pdist
+from deepimage.parallel.strategy import SyncStrategy, ring_bytes, sgd_update_
+
+# torch 2.14 renames the single-tensor collectives; older versions have only the old names
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass
+class Bucket:
+    """A run of consecutive parameters flattened together; ``part`` elements per rank."""
+
+    index: int
+    params: list[int]  # indices into the strategy's parameter list
+    offsets: list[int]  # start of each parameter in the flat bucket
+    numel: int  # real elements
+    padded: int  # numel rounded up to a multiple of the world size
+    part: int  # padded // world
+
+    def owned(self, rank: int) -> tuple[int, int]:
+        """[start, stop) of the flat bucket owned (reduced and updated) by ``rank``."""
+        return rank * self.part, (rank + 1) * self.part
+
+
+def make_buckets(sizes: list[int], bucket_elems: int, world: int) -> list[Bucket]:
+    """Group consecutive parameters (of ``sizes`` elements) into buckets of about
+    ``bucket_elems`` elements; a parameter larger than that gets a bucket of its own."""
+    buckets: list[Bucket] = []
+    current: list[int] = []
+    total = 0
+
+    def close() -> None:
+        nonlocal current, total
+        if not current:
+            return
+        offsets, o = [], 0
+        for i in current:
+            offsets.append(o)
+            o += sizes[i]
+        padded = -(-total // world) * world
+        buckets.append(Bucket(len(buckets), current, offsets, total, padded, padded // world))
+        current, total = [], 0
+
+    for i, n in enumerate(sizes):
+        if current and total + n > bucket_elems:
+            close()
+        current.append(i)
+        total += n
+    close()
+    return buckets
+
+
+class Butterfly(SyncStrategy):
+    """Reduce-scatter / sharded SGD / all-gather over layer-ordered buckets."""
+
+    name = "butterfly"
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, bucket_mb: float = 25.0
+    ) -> None:
+        super().__init__(model, optimizer)
+        sizes = [p.numel() for p in self.params]
+        self.buckets = make_buckets(sizes, max(1, int(bucket_mb * 2**20 / 4)), self.world)
+        self.momentum: list[torch.Tensor | None] = [None] * len(self.buckets)
+        self.device = pdist.comm_device()
+
+    @property
+    def ownership(self) -> list[dict[str, Any]]:
+        """Who owns what: per bucket, its parameters and the [start, stop) of every rank."""
+        return [
+            {
+                "bucket": b.index,
+                "params": [self.names[i] for i in b.params],
+                "numel": b.numel,
+                "padded": b.padded,
+                "parts": {r: b.owned(r) for r in range(self.world)},
+            }
+            for b in self.buckets
+        ]
+
+    @property
+    def gradient_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
+
+    def _flat(self, bucket: Bucket, grads: bool) -> torch.Tensor:
+        flat = torch.zeros(bucket.padded, dtype=torch.float32, device=self.device)
+        for i, off in zip(bucket.params, bucket.offsets):
+            p = self.params[i]
+            src = p.grad if grads else p.detach()
+            if src is None:  # a parameter without gradient this step contributes zeros
+                continue
+            flat[off : off + p.numel()].copy_(src.reshape(-1))
+        return flat
+
+    @torch.no_grad()
+    def step(self) -> None:
+        hyper = self.hyper
+        n = self.world
+        with self.stats.blocking():
+            sends, outs, works = [], [], []
+            for b in self.buckets:  # start every reduce-scatter, then work as they land
+                grad = self._flat(b, grads=True)
+                out = torch.empty(b.part, dtype=grad.dtype, device=self.device)
+                if n > 1:
+                    self.stats.record("reduce_scatter", ring_bytes("rs", grad.numel() * 4, n))
+                    with pdist.guard("reduce_scatter"):
+                        works.append(_reduce_scatter(out, grad, async_op=True))
+                else:
+                    out.copy_(grad)
+                    works.append(None)
+                sends.append(grad)
+                outs.append(out)
+            gathers = []
+            for b, out, work in zip(self.buckets, outs, works):
+                pdist.wait(work, "reduce_scatter")
+                if n > 1:
+                    out.div_(n)
+                start, stop = b.owned(self.rank)
+                flat = self._flat(b, grads=False)
+                mine = flat[start:stop]
+                self.momentum[b.index] = sgd_update_(mine, out, self.momentum[b.index], **hyper)
+                if n > 1:
+                    self.stats.record("all_gather", ring_bytes("ag", flat.numel() * 4, n))
+                    with pdist.guard("all_gather"):
+                        work = _all_gather(flat, mine.clone(), async_op=True)
+                else:
+                    work = None
+                gathers.append((b, flat, work))
+            for b, flat, work in gathers:
+                pdist.wait(work, "all_gather")
+                for i, off in zip(b.params, b.offsets):
+                    p = self.params[i]
+                    p.copy_(flat[off : off + p.numel()].view(p.shape))
+
+    # full optimizer state, independent of the world size ---------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Gather the sharded momentum into one buffer per parameter (collective)."""
+        if all(m is None for m in self.momentum):
+            return self._sgd_state_dict([None] * len(self.params))
+        buffers: list[torch.Tensor | None] = [None] * len(self.params)
+        for b in self.buckets:
+            shard = self.momentum[b.index]
+            full = torch.zeros(b.padded, dtype=torch.float32, device=self.device)
+            if self.world > 1:
+                with pdist.guard("all_gather(optimizer state)"):
+                    _all_gather(full, shard)
+            else:
+                full.copy_(shard)
+            for i, off in zip(b.params, b.offsets):
+                p = self.params[i]
+                buffers[i] = full[off : off + p.numel()].view(p.shape).to(p.device).clone()
+        return self._sgd_state_dict(buffers)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep only this rank's part of each full momentum buffer."""
+        buffers = self._buffers_from(state)
+        for b in self.buckets:
+            if any(buffers[i] is None for i in b.params):
+                self.momentum[b.index] = None
+                continue
+            full = torch.zeros(b.padded, dtype=torch.float32, device=self.device)
+            for i, off in zip(b.params, b.offsets):
+                full[off : off + self.params[i].numel()].copy_(buffers[i].reshape(-1))
+            start, stop = b.owned(self.rank)
+            self.momentum[b.index] = full[start:stop].clone()

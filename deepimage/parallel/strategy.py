@@ -1,0 +1,206 @@
+"""What every gradient-sync strategy shares: the interface, the SGD update, byte accounting.
+
+A strategy owns the exchange of gradients and the optimizer update of one data-parallel
+model; the training loop only calls, per optimizer step::
+
+    with strategy.micro_step(last):   # once per micro-batch; sync only when ``last``
+        loss.backward()
+    strategy.step()                   # apply (or, for lazy, merely schedule) the update
+    strategy.zero_grad()
+
+and :meth:`SyncStrategy.flush` before it reads the weights (evaluation, checkpoint, end).
+
+Bytes are counted per rank as what a bandwidth-optimal ring sends for each collective the
+strategy issues (the algorithm NCCL uses): reduce-scatter and all-gather of ``B`` bytes send
+``(N-1)/N * B`` each, an all-reduce ``2 (N-1)/N * B``. They are counted from the sizes of the
+tensors actually handed to ``torch.distributed``, padding included; gloo's own
+implementation of a collective may move more than the ring would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepimage.parallel import dist as pdist
+
+
+@dataclass
+class CommStats:
+    """Per-rank communication counters, reset by the caller when it wants per-step figures."""
+
+    bytes_sent: float = 0.0  # ring-algorithm bytes this rank sends
+    collectives: int = 0
+    blocking_s: float = 0.0  # time the training thread spent exchanging or waiting
+    by_op: dict[str, float] = field(default_factory=dict)
+
+    def record(self, op: str, nbytes: float) -> None:
+        self.bytes_sent += nbytes
+        self.collectives += 1
+        self.by_op[op] = self.by_op.get(op, 0.0) + nbytes
+
+    @contextlib.contextmanager
+    def blocking(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.blocking_s += time.perf_counter() - start
+
+    def reset(self) -> None:
+        self.bytes_sent, self.collectives, self.blocking_s = 0.0, 0, 0.0
+        self.by_op = {}
+
+
+def ring_bytes(op: str, nbytes: int, world: int) -> float:
+    """Bytes one rank sends in a ring ``op`` over a buffer of ``nbytes`` (the full buffer)."""
+    if world <= 1:
+        return 0.0
+    share = (world - 1) / world * nbytes
+    return 2 * share if op == "all_reduce" else share
+
+
+@torch.no_grad()
+def sgd_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    buf: torch.Tensor | None,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> torch.Tensor | None:
+    """One step of ``torch.optim.SGD`` (no dampening, no Nesterov) on ``param`` in place.
+
+    Returns the momentum buffer (new on the first step), element for element the same
+    arithmetic as PyTorch's implementation, so a strategy's update equals the single-process
+    optimizer's.
+    """
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    if momentum != 0:
+        if buf is None:
+            buf = torch.clone(grad).detach()
+        else:
+            buf.mul_(momentum).add_(grad)
+        grad = buf
+    param.add_(grad, alpha=-lr)
+    return buf
+
+
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Named trainable parameters in definition (layer) order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+class SyncStrategy:
+    """Base class: hyperparameters come from a ``torch.optim.SGD`` that holds the lr."""
+
+    name = "base"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if len(optimizer.param_groups) != 1:
+            raise ValueError("gradient-sync strategies support one parameter group")
+        self.model = model
+        self.optimizer = optimizer
+        self.params = [p for _, p in trainable(model)]
+        self.names = [n for n, _ in trainable(model)]
+        self.world = pdist.world_size()
+        self.rank = pdist.rank()
+        self.stats = CommStats()
+
+    @property
+    def hyper(self) -> dict[str, float]:
+        group = self.optimizer.param_groups[0]
+        if group.get("nesterov") or group.get("dampening", 0) != 0 or group.get("maximize"):
+            raise ValueError("gradient-sync strategies implement plain SGD with momentum")
+        return {
+            "lr": float(group["lr"]),
+            "momentum": float(group["momentum"]),
+            "weight_decay": float(group["weight_decay"]),
+        }
+
+    def wrap(self) -> nn.Module:
+        """The module to train (DistributedDataParallel for ddp, the model itself otherwise)."""
+        return self.model
+
+    def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward and backward; sync only on the last."""
+        return contextlib.nullcontext()
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def flush(self) -> None:
+        """Make the weights exact: finish every exchange and update still in flight."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state in ``torch.optim.SGD``'s format, the same on every rank and for any
+        world size (collective: every rank must call it)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def close(self) -> None:
+        """Remove hooks."""
+
+    # helpers shared by the sharded strategies ------------------------------------------
+
+    def _sgd_state_dict(self, buffers: list[torch.Tensor | None]) -> dict[str, Any]:
+        template = self.optimizer.state_dict()
+        state = {i: {"momentum_buffer": b} for i, b in enumerate(buffers) if b is not None}
+        return {"state": state, "param_groups": template["param_groups"]}
+
+    def _buffers_from(self, state: dict[str, Any]) -> list[torch.Tensor | None]:
+        self.optimizer.load_state_dict({"state": {}, "param_groups": state["param_groups"]})
+        out: list[torch.Tensor | None] = []
+        per_param = state.get("state", {})
+        for i, p in enumerate(self.params):
+            entry = per_param.get(i) or per_param.get(str(i))
+            buf = None if not entry else entry.get("momentum_buffer")
+            out.append(None if buf is None else buf.detach().to(p.device, p.dtype).clone())
+        return out
+
+
+def broadcast_model(model: nn.Module, src: int = 0) -> None:
+    """Start every rank from rank ``src``'s parameters and buffers."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()]]
+    if pdist.world_size() > 1:
+        device = pdist.comm_device()
+        staged = [t.detach().to(device) for t in tensors]
+        pdist.broadcast_(staged, src, op="broadcast(model)")
+        with torch.no_grad():
+            for t, s in zip(tensors, staged):
+                t.copy_(s)
+
+
+STRATEGIES = ("ddp", "butterfly", "lazy")
+
+
+def build_strategy(
+    name: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, bucket_mb: float = 25.0
+) -> SyncStrategy:
+    """The named strategy (``ddp``, ``butterfly`` or ``lazy``) for ``model``."""
+    from deepimage.parallel.butterfly import Butterfly
+    from deepimage.parallel.ddp import DDPStrategy
+    from deepimage.parallel.lazy import LazyUpdate
+
+    factories = {
+        "ddp": lambda: DDPStrategy(model, optimizer, bucket_mb=bucket_mb),
+        "butterfly": lambda: Butterfly(model, optimizer, bucket_mb=bucket_mb),
+        "lazy": lambda: LazyUpdate(model, optimizer),
+    }
+    if name not in factories:
+        raise ValueError(f"unknown sync strategy {name!r}; known: {', '.join(factories)}")
+    return factories[name]()

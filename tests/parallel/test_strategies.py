@@ -1,0 +1,107 @@
+"""ddp, butterfly and lazy on real gloo processes: equal to one process, equal across ranks.
+
+Each world size is one ``torch.multiprocessing.spawn`` of N processes that trains every case of
+:data:`tests.parallel.workers.CASES` for a few steps of a tiny VGG (width 1/16, 32 px, fp32,
+dropout 0.5 keyed by image) on its slice of each global batch of 8.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from tests.parallel import workers
+
+pytestmark = pytest.mark.slow
+
+RTOL = 1e-5  # max |w - w_ref| / max |w_ref|, per tensor
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return workers.reference_weights()
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def spawned(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"world{world}")
+    mp.spawn(workers.run_strategies, args=(world, free_port(), str(out)), nprocs=world)
+    reports = [json.loads((out / f"report-{r}.json").read_text()) for r in range(world)]
+    return world, out, reports
+
+
+@pytest.mark.parametrize("case", [f"{s}-accum{a}" for s, a in workers.CASES])
+def test_same_weights_as_one_process(spawned, reference, case):
+    world, out, reports = spawned
+    weights = load_file(out / f"{case}.safetensors")
+    for key, ref in reference.items():
+        err = float((weights[key] - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        assert err <= RTOL, f"{case} at N={world}: {key} off by {err:.2e} (relative)"
+    for rank, report in enumerate(reports):
+        assert all(report[case]["identical"]), f"{case}: ranks disagree (rank {rank})"
+
+
+def test_butterfly_sends_2_n_minus_1_over_n_of_the_gradient(spawned):
+    world, _, reports = spawned
+    for report in reports:
+        info = report["butterfly-accum1"]
+        grad_bytes, buckets = info["grad_bytes"], len(info["ownership"])
+        expected = 2 * (world - 1) / world * grad_bytes
+        padding = 2 * (world - 1) / world * buckets * (world - 1) * 4  # < N elements a bucket
+        for sent in info["bytes"]:
+            assert expected <= sent <= expected + padding
+        lazy = report["lazy-accum1"]["bytes"]
+        assert lazy == [expected] * len(lazy)  # ring all-reduce, no padding
+
+
+def test_butterfly_ownership_is_explicit_and_sharded(spawned):
+    world, out, reports = spawned
+    for rank, report in enumerate(reports):
+        info = report["butterfly-accum1"]
+        assert len(info["ownership"]) > 1  # several buckets, in layer order
+        names = [n for bucket in info["ownership"] for n in bucket["params"]]
+        model = workers.build_model()
+        assert names == [n for n, _ in model.named_parameters()]
+        for bucket, numel in zip(info["ownership"], info["momentum_numel"]):
+            parts = sorted(bucket["parts"].values())
+            assert parts[0][0] == 0 and parts[-1][1] == bucket["padded"]
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # a tiling
+            start, stop = bucket["parts"][str(rank)]
+            assert (start, stop) == (rank * bucket["padded"] // world,
+                                     (rank + 1) * bucket["padded"] // world)  # fmt: skip
+            assert numel == stop - start == bucket["padded"] // world  # optimizer state / N
+    # The gathered momentum is torch.optim.SGD's, so a run can resume on any N.
+    ref_model = workers.build_model()
+    opt = torch.optim.SGD(ref_model.parameters(), **workers.HYPER)
+    from deepimage.train.step import forward_backward
+
+    for step in range(workers.STEPS):
+        x, y, rows = workers.batch(step)
+        forward_backward(ref_model, x, y, precision="fp32", dropout_key=(rows, workers.SEED, step))
+        opt.step()
+        opt.zero_grad()
+    gathered = load_file(out / "butterfly-accum1-momentum.safetensors")
+    for i, p in enumerate(ref_model.parameters()):
+        ref = opt.state[p]["momentum_buffer"]
+        err = float((gathered[str(i)] - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        assert err <= RTOL
+
+
+def test_lazy_leaves_exchanges_in_flight_after_backward(spawned):
+    _, _, reports = spawned
+    for report in reports:
+        for case in ("lazy-accum1", "lazy-accum2"):
+            info = report[case]
+            assert info["pending_after_backward"] == [info["n_layers"]] * workers.STEPS

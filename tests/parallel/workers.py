@@ -1,0 +1,151 @@
+"""Code that runs inside the processes the parallel tests spawn (importable by reference)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+MODEL = "vgg16_deepimage"
+WIDTH = 1 / 16
+SIZE = 32
+CLASSES = 4
+GLOBAL_BATCH = 8
+STEPS = 3
+HYPER = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+SEED = 0
+CASES = [("ddp", 1), ("butterfly", 1), ("lazy", 1), ("butterfly", 2), ("lazy", 2), ("ddp", 2)]
+
+
+def setup(rank: int, world: int, port: int, timeout: float = 60.0) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    from deepimage.parallel import dist as pdist
+
+    pdist.init_distributed(torch.device("cpu"), timeout=timeout)
+
+
+def build_model() -> torch.nn.Module:
+    from deepimage.models import get_model
+
+    torch.manual_seed(SEED)
+    return get_model(MODEL, num_classes=CLASSES, image_size=SIZE, width=WIDTH)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch of a step: images, labels and image keys (rows)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=g)
+    y = torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g)
+    rows = torch.arange(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
+    return x, y, rows
+
+
+def reference_weights() -> dict[str, torch.Tensor]:
+    """One process, the whole batch, torch.optim.SGD."""
+    from deepimage.train.step import forward_backward
+
+    model = build_model()
+    opt = torch.optim.SGD(model.parameters(), **HYPER)
+    for step in range(STEPS):
+        x, y, rows = batch(step)
+        forward_backward(model, x, y, precision="fp32", dropout_key=(rows, SEED, step))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def run_strategies(rank: int, world: int, port: int, out: str) -> None:
+    """Train each case for STEPS steps on this rank's slice; check ranks agree every step."""
+    from deepimage.parallel.strategy import broadcast_model, build_strategy
+    from deepimage.train.step import forward_backward
+
+    setup(rank, world, port)
+    report: dict = {}
+    for sync, accum in CASES:
+        model = build_model()
+        broadcast_model(model)
+        opt = torch.optim.SGD(model.parameters(), **HYPER)
+        strategy = build_strategy(sync, model, opt, bucket_mb=0.05)
+        train_model = strategy.wrap()
+        local = GLOBAL_BATCH // world
+        lo, hi = rank * local, (rank + 1) * local
+        case = f"{sync}-accum{accum}"
+        per_step_bytes, identical, pending_after_backward = [], [], []
+        for step in range(STEPS):
+            x, y, rows = batch(step)
+            strategy.stats.reset()
+            forward_backward(
+                train_model, x[lo:hi], y[lo:hi], accum_steps=accum, precision="fp32",
+                micro_step=strategy.micro_step, dropout_key=(rows[lo:hi], SEED, step),
+            )  # fmt: skip
+            if sync == "lazy":
+                pending_after_backward.append(
+                    sum(layer.pending is not None for layer in strategy.layers)
+                )
+            strategy.step()
+            strategy.zero_grad()
+            per_step_bytes.append(strategy.stats.bytes_sent)
+            strategy.flush()  # exact weights, to compare across ranks at every step
+            flat = _flat(model)
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            identical.append(all(torch.equal(gathered[0], t) for t in gathered))
+        info = {
+            "bytes": per_step_bytes,
+            "identical": identical,
+            "grad_bytes": sum(p.numel() * 4 for p in model.parameters()),
+            "n_layers": len(getattr(strategy, "layers", [])),
+            "pending_after_backward": pending_after_backward,
+        }
+        if sync == "butterfly":
+            info["ownership"] = strategy.ownership
+            info["momentum_numel"] = [m.numel() for m in strategy.momentum]
+            full = strategy.state_dict()  # gathered: must equal a torch.optim.SGD state
+            if rank == 0:
+                save_file(
+                    {str(i): s["momentum_buffer"] for i, s in full["state"].items()},
+                    str(Path(out) / f"{case}-momentum.safetensors"),
+                )
+        report[case] = info
+        if rank == 0:
+            weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            save_file(weights, str(Path(out) / f"{case}.safetensors"))
+        strategy.close()
+    (Path(out) / f"report-{rank}.json").write_text(json.dumps(report, default=str))
+    dist.destroy_process_group()
+
+
+def run_hang(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 never joins the all-reduce: rank 0 must fail within the timeout, naming itself."""
+    from deepimage.parallel import dist as pdist
+
+    setup(rank, world, port, timeout=3.0)
+    pdist.barrier()
+    if rank == 1:
+        time.sleep(12)
+        return
+    start = time.monotonic()
+    try:
+        pdist.all_reduce_([torch.ones(4)], op="all_reduce(test)")
+        message = "no error"
+    except pdist.CollectiveError as err:
+        message = str(err)
+    result = {"message": message, "seconds": time.monotonic() - start}
+    (Path(out) / "hang.json").write_text(json.dumps(result))
