@@ -10,7 +10,7 @@ RandomHorizontalFlip, ToImage, ToDtype, Normalize) + ``DataLoader(num_workers=2)
 eager. Same model, same crop size, same batch, same optimizer. Both run interleaved in one
 process; the ratio of median images/s is printed.
 
-    python benchmarks/train_e2e.py [--data ../shared/datasets/cifar10/train] [--steps 60]
+    python benchmarks/train_e2e.py [--model resnet18 --width 0.25] [--steps 60]
 """
 
 from __future__ import annotations
@@ -39,9 +39,12 @@ from _common import header, spread
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+MODEL = {"name": "resnet18", "width": 1.0}
+
+
 def make_model(crop: int, classes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = get_model("resnet18", classes, image_size=crop)
+    model = get_model(MODEL["name"], classes, image_size=crop, width=MODEL["width"])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     return model, opt
 
@@ -111,13 +114,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--width", type=float, default=0.25)
     args = parser.parse_args()
+    MODEL.update(name=args.model, width=args.width)
     header("end-to-end training images/s on CIFAR-10: deepimage vs ImageFolder + v2 + DataLoader")
     cache = args.cache_dir or tempfile.mkdtemp(prefix="deepimage-bench-")
     start = time.perf_counter()
     store = store_for(args.data, [args.size], cache_dir=cache, progress=False)
     prepare_s = time.perf_counter() - start
     print(f"data    : {args.data} ({len(store)} images), crop {args.crop}, batch {args.batch}")
+    print(f"model   : {args.model} (width {args.width})")
     print(f"prepare : {prepare_s:.1f} s once (decode into the store; reused by later runs)")
     rates: dict[str, list[float]] = {"torchvision": [], "deepimage": []}
     for r in range(args.repeats):

@@ -42,6 +42,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accum-steps", type=int, default=S, help="micro-batches per step")
     p.add_argument("--lr", type=float, default=S, help="learning rate (default 0.01)")
     p.add_argument("--lr-scaling", choices=["none", "linear"], default=S)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=S)
     p.add_argument("--momentum", type=float, default=S)
     p.add_argument("--weight-decay", type=float, default=S)
     p.add_argument("--schedule", choices=["plateau", "step", "exp", "constant"], default=S)

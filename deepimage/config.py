@@ -21,6 +21,7 @@ import yaml
 Precision = Literal["bf16", "fp32"]
 Schedule = Literal["plateau", "step", "exp", "constant"]
 LrScaling = Literal["none", "linear"]
+OptimizerName = Literal["sgd", "adamw"]
 ResizeMode = Literal["stretch", "shorter"]
 SyncName = Literal["ddp", "butterfly", "lazy"]
 AugmentPreset = Literal["deepimage", "alexnet", "crop_flip", "none"]
@@ -53,6 +54,7 @@ class TrainConfig:
     width: float = 1.0  # channel multiplier for the deepimage VGG and AlexNet nets
     dropout: float | None = None  # None: the model's own default (0.5 in VGG and AlexNet)
     # optimisation
+    optimizer: OptimizerName = "sgd"  # the paper's SGD; butterfly and lazy sync need it
     epochs: int = 30
     max_steps: int | None = None  # stop after this many optimizer steps in all
     batch_size: int = 64  # images per optimizer step
@@ -120,6 +122,11 @@ class TrainConfig:
             raise ConfigError(f"config key 'max_steps': must be > 0, got {self.max_steps}")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"config key 'gamma': must be in (0, 1], got {self.gamma}")
+        if self.optimizer != "sgd" and self.sync in ("butterfly", "lazy"):
+            raise ConfigError(
+                f"config key 'optimizer': {self.sync} sync applies SGD itself; "
+                "use optimizer sgd or sync ddp"
+            )
         if sorted(self.milestones) != list(self.milestones):
             raise ConfigError("config key 'milestones': must be increasing")
         return self

@@ -15,19 +15,27 @@ from deepimage.config import TrainConfig, update_config
 
 logger = logging.getLogger(__name__)
 
+# A few-minute budget on two CPU cores. From scratch, the paper's SGD recipe needs many
+# epochs to leave chance level on this shape task, so the demo uses AdamW and the light
+# crop-and-flip augmentation; everything else is the training path users run.
 DEMO_CONFIG = {
     "model": "resnet18",
     "size": 64,
     "crop": 56,
-    "epochs": 8,
+    "epochs": 15,
     "batch_size": 64,
-    "lr": 0.05,
+    "optimizer": "adamw",
+    "lr": 0.002,
+    "weight_decay": 0.05,
     "schedule": "plateau",
     "patience": 1,
     "warmup_epochs": 0.5,
-    "workers": 2,
+    "augment": "crop_flip",
+    "workers": 1,
     "checkpoint_every": 50,
 }
+N_TRAIN_PER_CLASS = 400
+N_VAL_PER_CLASS = 50
 
 
 def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, progress: bool = True):
@@ -39,9 +47,12 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None, progress:
 
     out = Path(out)
     start = time.perf_counter()
-    data = make_synthetic_dataset(out / "data", n_train_per_class=150, n_val_per_class=40)
+    data = make_synthetic_dataset(
+        out / "data", n_train_per_class=N_TRAIN_PER_CLASS, n_val_per_class=N_VAL_PER_CLASS
+    )
     print(f"synthetic data set: {data}")
     values = dict(DEMO_CONFIG, data=str(data / "train"), val=str(data / "val"))
+    values["class_names"] = str(data / "class_names.txt")
     values.update(out=str(out / "run"), progress=progress, cache_dir=str(out / "cache"))
     if epochs is not None:
         values["epochs"] = epochs

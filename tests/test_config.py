@@ -67,3 +67,9 @@ def test_saved_config_round_trips(tmp_path):
 def test_linear_scaling_rule():
     cfg = resolve_config(None, {"lr": 0.1, "batch_size": 512, "lr_scaling": "linear"})
     assert cfg.effective_lr() == pytest.approx(0.2)
+
+
+def test_adamw_needs_ddp_sync():
+    assert resolve_config(None, {"optimizer": "adamw", "sync": "ddp"}).optimizer == "adamw"
+    with pytest.raises(ConfigError, match="'optimizer'"):
+        resolve_config(None, {"optimizer": "adamw", "sync": "lazy"})

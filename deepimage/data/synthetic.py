@@ -50,8 +50,8 @@ CLASSES: tuple[tuple[str, str], ...] = (
 )
 
 _SUPERSAMPLE = 2
-_MIN_DIAMETER = 0.15  # fraction of the frame
-_MAX_DIAMETER = 0.75
+_MIN_DIAMETER = 0.18  # fraction of the frame
+_MAX_DIAMETER = 0.80
 _MIN_CONTRAST = 110.0  # RGB distance between shape colour and background mean
 
 
@@ -75,7 +75,7 @@ def _unit_grid(s: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _background(rng: np.random.Generator, s: int) -> Image.Image:
     """RGB (s, s) background: linear/radial gradient, smooth clouds or coarse noise."""
-    kind = int(rng.integers(4))
+    kind = int(rng.choice(4, p=[0.35, 0.35, 0.15, 0.15]))  # mostly smooth
     if kind in (0, 1):  # smooth, so computed at half size and upsampled
         yy, xx = _unit_grid(s // 2)
         if kind == 0:  # linear gradient in a random direction
@@ -85,16 +85,17 @@ def _background(rng: np.random.Generator, s: int) -> Image.Image:
         else:  # radial gradient around a random centre
             cx, cy = rng.uniform(0, 1, 2)
             t = np.minimum(np.hypot(xx - cx, yy - cy) / rng.uniform(0.5, 1.2), 1.0)
-        c0, c1 = _random_colour(rng).astype(np.float32), _random_colour(rng).astype(np.float32)
+        c0 = _random_colour(rng).astype(np.float32)
+        c1 = np.clip(c0 + rng.uniform(-80, 80, 3), 0, 255).astype(np.float32)
         half = Image.fromarray((c0 + (c1 - c0) * t[..., None]).astype(np.uint8))
         return half.resize((s, s), Image.Resampling.BILINEAR)
     base = _random_colour(rng)
     if kind == 2:  # smooth "clouds": a coarse random grid upsampled
         g = int(rng.integers(3, 8))
-        grid = np.clip(base + rng.normal(0, 50, (g, g, 3)), 0, 255).astype(np.uint8)
+        grid = np.clip(base + rng.normal(0, 30, (g, g, 3)), 0, 255).astype(np.uint8)
         return Image.fromarray(grid).resize((s, s), Image.Resampling.BICUBIC)
     # solid colour with blocky pixel noise at output resolution
-    small = np.clip(base + rng.normal(0, 22, (s // 2, s // 2, 3)), 0, 255).astype(np.uint8)
+    small = np.clip(base + rng.normal(0, 14, (s // 2, s // 2, 3)), 0, 255).astype(np.uint8)
     return Image.fromarray(small).resize((s, s), Image.Resampling.NEAREST)
 
 
@@ -226,7 +227,7 @@ def render_image(class_index: int, rng: np.random.Generator, image_size: int) ->
     s = image_size * _SUPERSAMPLE
     canvas = _background(rng, s)
     draw = ImageDraw.Draw(canvas, "RGBA")  # blends translucent fills onto the RGB canvas
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(0, 3))):
         _draw_distractor(draw, rng, s)
 
     mask = _shape_mask(CLASSES[class_index][0], rng, s)

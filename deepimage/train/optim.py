@@ -1,15 +1,19 @@
-"""The optimizer of the paper's recipe: SGD with momentum and weight decay."""
+"""Optimizers: the paper's SGD with momentum and weight decay (default), or AdamW.
+
+A small factory keyed by the config's ``optimizer``. The butterfly and lazy strategies apply
+SGD's arithmetic to their own parameter shards, so they accept SGD only.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from deepimage.config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD, momentum 0.9 and weight decay 5e-4 by default, on every trainable parameter."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def _sgd(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         params,
         lr=cfg.effective_lr(),
@@ -17,6 +21,22 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         weight_decay=cfg.weight_decay,
         foreach=True,
     )
+
+
+def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay, foreach=True
+    )
+
+
+OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter], TrainConfig], torch.optim.Optimizer]]
+OPTIMIZERS = {"sgd": _sgd, "adamw": _adamw}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over every trainable parameter of ``model``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return OPTIMIZERS[cfg.optimizer](params, cfg)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
