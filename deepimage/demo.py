@@ -22,7 +22,7 @@ DEMO_CONFIG = {
     "model": "resnet18",
     "size": 64,
     "crop": 56,
-    "epochs": 15,
+    "epochs": 12,
     "batch_size": 64,
     "optimizer": "adamw",
     "lr": 0.002,
