@@ -63,6 +63,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dist-timeout", type=float, default=S, help="collective timeout (s)")
     p.add_argument("--checkpoint-every", type=int, default=S, help="steps between checkpoints")
     p.add_argument("--cache-dir", default=S, help="where folders are prepared into stores")
+    p.add_argument(
+        "--device-cache-mb", type=float, default=S, help="hold training images on the device"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S)
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S)
     p.add_argument("--out", default=S, help="run folder")

@@ -78,6 +78,7 @@ class TrainConfig:
     # distributed (torchrun): the global batch_size is split evenly across processes
     sync: SyncName = "ddp"  # gradient sync: ddp, butterfly (paper 3.1) or lazy (paper 3.1)
     sync_bn: bool = False  # batch-norm statistics over the global batch (CUDA)
+    device_cache_mb: float = 0.0  # hold training images in device memory if they fit; 0: off
     bucket_mb: float = 25.0  # gradient bucket size of ddp and butterfly, in MiB
     dist_timeout: float = 600.0  # seconds before a hung collective is an error
     checkpoint_every: int = (
@@ -115,6 +116,7 @@ class TrainConfig:
                 f"config key 'accum_steps': {self.accum_steps} does not divide "
                 f"batch_size {self.batch_size}"
             )
+        _non_negative(self, "device_cache_mb")
         if self.bucket_mb <= 0 or self.dist_timeout <= 0:
             key = "bucket_mb" if self.bucket_mb <= 0 else "dist_timeout"
             raise ConfigError(f"config key '{key}': must be > 0, got {getattr(self, key)}")

@@ -126,3 +126,36 @@ def iterate_batches(
         persistent_workers=False,
     )
     return iter(loader)
+
+
+class DeviceCache:
+    """Training images held in device memory, batches gathered there (paper 3.1).
+
+    "We also use device memory to cache the training data if there is free memory space on
+    the device after the model is loaded." Every rank holds all training rows: the global
+    order of images is the same for any number of processes, so any rank may need any image.
+    Batches come out exactly as from :func:`iterate_batches`, but already on the device.
+    """
+
+    def __init__(self, store_path: str | Path, size: int, rows: np.ndarray, device) -> None:
+        from deepimage.data.store import Store
+
+        store = Store.open(store_path)
+        self.rows = np.unique(np.asarray(rows))
+        images = np.ascontiguousarray(store.images(size)[self.rows])
+        self.images = torch.from_numpy(images).to(device)
+        self.labels = torch.from_numpy(np.asarray(store.labels)[self.rows].astype(np.int64))
+        self.labels = self.labels.to(device)
+
+    @staticmethod
+    def nbytes(n_rows: int, size: int) -> int:
+        """Device bytes needed for ``n_rows`` images of ``size x size x 3`` uint8."""
+        return n_rows * size * size * 3
+
+    def iterate(
+        self, batches: Sequence[np.ndarray]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for batch in batches:
+            batch = np.asarray(batch)
+            pos = torch.from_numpy(np.searchsorted(self.rows, batch)).to(self.images.device)
+            yield self.images[pos], self.labels[pos], torch.from_numpy(batch.astype(np.int64))

@@ -30,7 +30,13 @@ from tqdm.auto import tqdm
 
 from deepimage.augment.pipeline import build_train_augment
 from deepimage.config import ConfigError, TrainConfig, config_to_dict, save_config
-from deepimage.data.loader import eval_batches, iterate_batches, stratified_split, train_batches
+from deepimage.data.loader import (
+    DeviceCache,
+    eval_batches,
+    iterate_batches,
+    stratified_split,
+    train_batches,
+)
 from deepimage.data.store import Store, store_for
 from deepimage.inference import evaluate_batches, resolve_device
 from deepimage.metrics import ClassificationMeter
@@ -190,6 +196,7 @@ class Trainer:
         self.model.to(self.device, memory_format=self.memory_format)
         broadcast_model(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.device_cache = self._device_cache()
         self.sync = build_strategy(cfg.sync, self.model, self.optimizer, bucket_mb=cfg.bucket_mb)
         self.train_model = self.sync.wrap()
         self.augment = build_train_augment(
@@ -217,6 +224,26 @@ class Trainer:
         self.epoch_images = 0
         self.history: list[dict[str, Any]] = []
         self.writer = None
+
+    def _device_cache(self) -> DeviceCache | None:
+        """The training images in device memory when they fit ``device_cache_mb``."""
+        budget = self.cfg.device_cache_mb * 2**20
+        if budget <= 0:
+            return None
+        need = DeviceCache.nbytes(len(np.unique(self.data.train_rows)), self.cfg.size)
+        if need > budget:
+            logger.info(
+                "training images need %.0f MiB, over device_cache_mb %.0f: reading the store",
+                need / 2**20,
+                self.cfg.device_cache_mb,
+            )
+            return None
+        logger.info(
+            "holding the training images in %s memory (%.0f MiB)", self.device, need / 2**20
+        )
+        return DeviceCache(
+            self.data.train_store.path, self.cfg.size, self.data.train_rows, self.device
+        )
 
     # --- state -------------------------------------------------------------------------
 
@@ -442,13 +469,16 @@ class Trainer:
                     todo = todo[: cfg.max_steps - self.global_step]
                 lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
                 todo = [batch[lo:hi] for batch in todo]  # this rank's slice of each batch
-                loader = iterate_batches(
-                    self.data.train_store.path,
-                    cfg.size,
-                    todo,
-                    cfg.workers,
-                    pin_memory=self.device.type == "cuda",
-                )
+                if self.device_cache is not None:
+                    loader = self.device_cache.iterate(todo)
+                else:
+                    loader = iterate_batches(
+                        self.data.train_store.path,
+                        cfg.size,
+                        todo,
+                        cfg.workers,
+                        pin_memory=self.device.type == "cuda",
+                    )
                 bar = tqdm(
                     loader,
                     total=len(todo),
