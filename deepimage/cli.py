@@ -343,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("deepimage: interrupted", file=sys.stderr)
         return 130
     except _user_errors() as err:
+        if os.environ.get("DEEPIMAGE_DEBUG"):  # the full traceback, for bug reports
+            raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"deepimage: error: {message}", file=sys.stderr)
         return 2
