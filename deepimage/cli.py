@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None)
+    p.add_argument(
+        "--tta", nargs="+", choices=["center", "dense", "flip"], default=["center"],
+        help="test-time views, combined: centre crop, dense (fully convolutional), flips",
+    )  # fmt: skip
+    p.add_argument("--scales", type=int, nargs="+", default=None, help="multi-scale testing")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
     p = sub.add_parser("predict", help="top-k classes of images")
@@ -267,6 +272,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         progress=args.progress,
+        tta=args.tta,
+        scales=args.scales,
     )
     print(
         f"top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  "

@@ -49,6 +49,51 @@ def logits_for(
         return model(x).float()
 
 
+TTA_MODES = ("center", "flip", "dense")
+
+
+@torch.inference_mode()
+def posteriors_for(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    crop: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    precision: str = "bf16",
+    channels_last: bool = True,
+    tta: Sequence[str] = ("center",),
+    dense: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """Softmax posteriors for ``(B, S, S, 3)`` uint8 images under test-time augmentation.
+
+    ``center``: the centre crop. ``dense``: the whole S x S image through the fully
+    convolutional net (``dense``), its score map averaged (paper 5.1). ``flip``: each view
+    and its mirror image, posteriors averaged. ``center`` and ``dense`` together average both.
+    """
+    unknown = set(tta) - set(TTA_MODES)
+    if unknown:
+        raise ValueError(f"unknown test-time augmentation {sorted(unknown)}; known: {TTA_MODES}")
+    views = []
+    if "dense" in tta:
+        if dense is None:
+            raise ValueError("dense evaluation needs the fully convolutional model")
+        views.append((dense, to_model_input(images, mean, std, device, channels_last)))
+    if "center" in tta or "dense" not in tta:
+        views.append((model, to_model_input(center_crop(images, crop), mean, std, device,
+                                            channels_last)))  # fmt: skip
+    total = None
+    count = 0
+    for net, x in views:
+        inputs = [x, x.flip(3)] if "flip" in tta else [x]
+        for view in inputs:
+            with autocast(device, precision):
+                probs = torch.softmax(net(view).float(), dim=1)
+            total = probs if total is None else total + probs
+            count += 1
+    return total / count
+
+
 def evaluate_batches(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -62,18 +107,30 @@ def evaluate_batches(
     total: int | None = None,
     progress: bool = False,
     desc: str = "eval",
+    tta: Sequence[str] = ("center",),
 ) -> tuple[ClassificationMeter, np.ndarray]:
     """Accumulate top-k and confusion statistics; also return the softmax posteriors."""
     was_training = model.training
     model.eval()
+    dense = None
+    if "dense" in tta:
+        from deepimage.models.dense import to_dense
+
+        dense = to_dense(model)
     meter = ClassificationMeter(num_classes)
     probs = []
     for images, labels, _rows in tqdm(
         batches, total=total, disable=not progress, desc=desc, leave=False
     ):
-        logits = logits_for(model, images, crop, mean, std, device, precision, channels_last)
-        meter.update(logits.cpu(), labels)
-        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+        if tuple(tta) == ("center",):  # the training-time validation path
+            logits = logits_for(model, images, crop, mean, std, device, precision, channels_last)
+            posteriors = torch.softmax(logits, dim=1)
+        else:
+            posteriors = posteriors_for(
+                model, images, crop, mean, std, device, precision, channels_last, tta, dense
+            )
+        meter.update(posteriors.cpu(), labels)
+        probs.append(posteriors.cpu().numpy())
     model.train(was_training)
     posteriors = np.concatenate(probs) if probs else np.zeros((0, num_classes), np.float32)
     return meter, posteriors

@@ -123,3 +123,24 @@ def test_corrupted_weights_give_a_clear_error(tmp_path, capsys):
     weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     assert main(["predict", str(weights), "x.jpg"]) == 2
     assert "corrupted" in capsys.readouterr().err
+
+
+def test_dense_at_the_crop_size_equals_center_and_tta_combines(tmp_path, capsys):
+    """Images stored at exactly the crop size: dense evaluation sees the centre crop."""
+    from deepimage.evaluate.evaluate import evaluate
+    from tests.data.messy import write_flat_folder
+
+    data = write_flat_folder(tmp_path / "d", {"a": 6, "b": 6, "c": 6})
+    run = tmp_path / "run"
+    args = ["-q", "train", "--data", str(data), "--out", str(run), "--model", "vgg16_deepimage",
+            "--width", "0.0625", "--size", "32", "--crop", "32", "--epochs", "1",
+            "--batch-size", "4", "--workers", "0", "--no-progress", "--precision", "fp32",
+            "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    assert main(args) == 0
+    kw = {"workers": 0, "progress": False, "cache_dir": str(tmp_path / "c")}
+    center = evaluate(run, data, tmp_path / "center", tta=["center"], **kw)
+    dense = evaluate(run, data, tmp_path / "dense", tta=["dense"], **kw)
+    for key in ("top1", "top5", "mean_class_acc", "n_images"):
+        assert dense[key] == center[key]
+    both = evaluate(run, data, None, tta=["dense", "flip"], scales=[32, 48], **kw)
+    assert both["n_images"] == center["n_images"] and both["scales"] == [32, 48]

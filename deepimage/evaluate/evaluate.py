@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 from deepimage.data.loader import eval_batches, iterate_batches
 from deepimage.data.store import store_for
 from deepimage.inference import evaluate_batches, resolve_device
+from deepimage.metrics import ClassificationMeter
 from deepimage.runs import atomic_write_json, load_model
 
 logger = logging.getLogger(__name__)
@@ -51,26 +52,42 @@ def evaluate(
     precision: str | None = None,
     cache_dir: str | None = None,
     progress: bool = True,
+    tta: Sequence[str] = ("center",),
+    scales: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the model at ``source`` (run folder or weights) on ``data``; write the report."""
+    """Evaluate the model at ``source`` (run folder or weights) on ``data``; write the report.
+
+    ``tta`` combines ``center``, ``dense`` and ``flip`` views; several ``scales`` (source
+    resolutions) average their posteriors (multi-scale testing, paper 5.1).
+    """
     dev = resolve_device(device)
     model, meta = load_model(source, dev)
-    store = store_for(data, [meta["size"]], mode=meta["resize_mode"], cache_dir=cache_dir)
+    scales = list(scales) if scales else [meta["size"]]
+    store = store_for(data, sorted(set(scales)), mode=meta["resize_mode"], cache_dir=cache_dir)
     label_map = _label_map(list(store.classes), meta["classes"], str(data))
-    rows = np.arange(len(store))
-    batches = eval_batches(rows, batch_size)
-    meter, _ = evaluate_batches(
-        model,
-        _remap(iterate_batches(store.path, meta["size"], batches, workers), label_map),
-        len(meta["classes"]),
-        meta["crop"],
-        meta["mean"],
-        meta["std"],
-        dev,
-        precision or meta.get("precision", "fp32"),
-        total=len(batches),
-        progress=progress,
-    )
+    batches = eval_batches(np.arange(len(store)), batch_size)
+    num_classes = len(meta["classes"])
+    posteriors = []
+    for scale in scales:  # multi-scale testing: posteriors averaged over the scales
+        meter, probs = evaluate_batches(
+            model,
+            _remap(iterate_batches(store.path, scale, batches, workers), label_map),
+            num_classes,
+            meta["crop"],
+            meta["mean"],
+            meta["std"],
+            dev,
+            precision or meta.get("precision", "fp32"),
+            total=len(batches),
+            progress=progress,
+            desc=f"evaluate at {scale}",
+            tta=tuple(tta),
+        )
+        posteriors.append(probs)
+    if len(scales) > 1:
+        meter = ClassificationMeter(num_classes)
+        labels = torch.from_numpy(label_map[np.asarray(store.labels)])
+        meter.update(torch.from_numpy(np.mean(posteriors, axis=0)), labels)
     results = meter.results()
     metrics = {
         "top1": results["top1"],
@@ -78,6 +95,8 @@ def evaluate(
         "mean_class_acc": results["mean_class_acc"],
         "n_images": results["n_images"],
         "model": meta["model"],
+        "tta": list(tta),
+        "scales": scales,
         "data": str(data),
         "skipped": list(store.skipped),
     }
