@@ -77,7 +77,7 @@ class TrainConfig:
     seed: int = 0
     # distributed (torchrun): the global batch_size is split evenly across processes
     sync: SyncName = "ddp"  # gradient sync: ddp, butterfly (paper 3.1) or lazy (paper 3.1)
-    sync_bn: bool = False  # batch-norm statistics over the global batch (CUDA)
+    sync_bn: bool = False  # batch-norm statistics over the global batch
     device_cache_mb: float = 0.0  # hold training images in device memory if they fit; 0: off
     bucket_mb: float = 25.0  # gradient bucket size of ddp and butterfly, in MiB
     dist_timeout: float = 600.0  # seconds before a hung collective is an error

@@ -6,32 +6,38 @@ training thread spends blocked in the strategy (``blocking``: butterfly's whole 
 update; lazy's launches and waits in the hooks), the exposed sync time (step time minus compute
 time) and the bytes each rank sends (ring accounting, see :mod:`deepimage.parallel.strategy`).
 
-The model predicts a data-parallel step as compute ``b * 3 F / (peak * u)`` plus the exposed
-part of the exchange ``2 (N-1)/N * P / bw + 2 (N-1) * latency``, where the exchange hides
-behind a fraction ``phi`` of the compute when the strategy overlaps (lazy) and not at all when
-it does not (butterfly). GPUs of one node share its network link. Hybrid (model-data)
-parallelism exchanges only the convolution gradients but all-gathers the fully-connected
-activations of the global batch, forward and backward, without overlap: its cost grows with
-N while data parallelism's stays flat (paper 3.3). ``u`` and ``phi`` are fitted to the
-paper's two reported points (47x at 64 GPUs with batch 1024; the crossover at 16 GPUs).
+The model predicts a step as compute ``b * F / (peak * u)`` plus the exposed part of the
+gradient exchange ``2 (N-1)/N * P / bw + 2 (N-1) * latency``. Each strategy hides the exchange
+behind a fraction of the compute that follows from when gradients are ready and when weights
+are needed (:func:`overlap`): butterfly none, DDP's buckets the backward pass (2/3), lazy a
+byte-weighted window of backward-below plus forward-below each layer. Beyond one node the node
+link carries the off-node share of all its GPUs' traffic. Hybrid (model-data) parallelism
+exchanges only the convolution gradients but all-gathers the fully-connected activations of the
+global batch, forward and backward, without overlap (paper 3.2-3.3).
+
+Calibration on Minwa uses physical constants (see :data:`MINWA`) and fits one parameter, the
+achieved fraction of K40m peak ``u``, to the paper's 47x at 64 GPUs (batch 1024); the
+data-parallel/hybrid crossover (paper: above 16 GPUs) is then a prediction, not a fit.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 # --- the model -------------------------------------------------------------------------------
 
 VGG_A = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
-"""8 convolutions + 3 FC layers: the shape of the paper's scaling network (section 3.3)."""
+"""8 convolutions + 3 FC layers (VGG configuration A): the paper's scaling network (3.3)."""
+
+VGG_D = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+"""13 convolutions + 3 FC layers: ``vgg16_deepimage``, the network ``bench scaling`` runs."""
 
 
 @dataclass
@@ -39,83 +45,138 @@ class Net:
     """What the model needs of a network: training FLOPs and bytes per image, parameters."""
 
     name: str
-    flops: float  # training FLOPs per image (3 x forward)
+    flops: float  # training FLOPs per image (3 x forward: forward, input and weight gradients)
     param_bytes: float
     conv_param_bytes: float
     fc_activation_bytes: float  # per image, inputs of the FC layers (hybrid exchanges them)
+    layers: list[tuple[float, float]] = field(default_factory=list)  # (fwd FLOPs, bytes)
 
 
-def vgg_net(cfg: list, image: int = 224, fc: int = 4096, classes: int = 1000) -> Net:
-    """Count FLOPs and parameters of a VGG-style network analytically."""
-    c_in, side, macs, conv_params = 3, image, 0.0, 0.0
+def vgg_net(
+    cfg: list, image: int = 224, fc: int = 4096, classes: int = 1000, width: float = 1.0
+) -> Net:
+    """Count FLOPs and parameters of a VGG-style network analytically, layer by layer."""
+    c_in, side, layers = 3, image, []
     for v in cfg:
         if v == "M":
             side //= 2
             continue
-        macs += side * side * c_in * v * 9
-        conv_params += c_in * v * 9 + v
-        c_in = v
+        c = max(1, round(v * width))
+        layers.append((2.0 * side * side * c_in * c * 9, 4.0 * (c_in * c * 9 + c)))
+        c_in = c
+    n_conv = len(layers)
     fc_in = c_in * side * side
-    fc_dims = [(fc_in, fc), (fc, fc), (fc, classes)]
-    fc_params = sum(i * o + o for i, o in fc_dims)
-    macs += sum(i * o for i, o in fc_dims)
+    for i, o in ((fc_in, fc), (fc, fc), (fc, classes)):
+        layers.append((2.0 * i * o, 4.0 * (i * o + o)))
     return Net(
-        name=f"vgg({len([v for v in cfg if v != 'M'])} conv + 3 FC) at {image}px",
-        flops=3 * 2 * macs,
-        param_bytes=4 * (conv_params + fc_params),
-        conv_param_bytes=4 * conv_params,
-        fc_activation_bytes=4 * (fc_in + 2 * fc),
+        name=f"vgg({n_conv} conv + 3 FC) at {image}px",
+        flops=3 * sum(f for f, _ in layers),
+        param_bytes=sum(b for _, b in layers),
+        conv_param_bytes=sum(b for _, b in layers[:n_conv]),
+        fc_activation_bytes=4.0 * (fc_in + 2 * fc),
+        layers=layers,
     )
+
+
+def overlap(net: Net, strategy: str) -> float:
+    """Fraction of the step's compute that can hide the gradient exchange, from layer order.
+
+    Butterfly exchanges after the backward pass: 0. DDP's buckets run during the backward pass
+    only: 2/3 (backward is two thirds of training FLOPs). Lazy update sends layer i's gradient
+    when the backward pass produces it and waits only when the next forward pass reaches layer
+    i: its window is the backward and forward compute of the layers below i, i.e. the share of
+    forward FLOPs below i; the byte-weighted mean of that window is the overlap.
+    """
+    if strategy in ("butterfly", "hybrid"):
+        return 0.0
+    if strategy == "ddp":
+        return 2.0 / 3.0
+    total_f = sum(f for f, _ in net.layers)
+    total_b = sum(b for _, b in net.layers)
+    below, acc = 0.0, 0.0
+    for f, b in net.layers:
+        acc += b * below / total_f
+        below += f
+    return acc / total_b
 
 
 @dataclass
 class Machine:
+    """Per-device peak FLOPs and the links a device's exchange crosses."""
+
     name: str
     peak_flops: float  # per device
-    link_bytes_s: float  # network link of a node
-    intra_bytes_s: float  # between devices of one node
+    link_bytes_s: float  # achieved bandwidth of one network link (one direction)
+    intra_bytes_s: float  # achieved bandwidth between devices of one node
     gpus_per_node: int
-    latency_s: float
+    latency_s: float  # per message
     links_per_node: int = 1
+    cores: int = 0  # CPU cores shared by the processes (0: devices do not share compute)
+    threads_per_proc: int = 1
 
 
-MINWA = Machine("Minwa (K40m, 56 Gb/s FDR)", 4.29e12, 56e9 / 8, 6e9, 4, 2e-6)
-H100 = Machine("H100 SXM (bf16 dense), 400 Gb/s per GPU", 989e12, 400e9 / 8, 450e9, 8, 5e-6, 8)
+MINWA = Machine("Minwa (K40m, 56 Gb/s FDR)", 4.29e12, 6.0e9, 10.0e9, 4, 2e-6)
+"""Paper section 2: 4.29 TFLOPS fp32 per K40m, 4 GPUs and one FDR link per node. FDR 4x signals
+56 Gb/s, 54.5 Gb/s after 64b/66b coding (6.8 GB/s); MPI over FDR typically reaches ~6 GB/s
+one way and ~1-2 us latency with GPUDirect RDMA. PCIe 3.0 x16 between K40m: ~10 GB/s."""
+
+H100 = Machine("H100 SXM (bf16 dense), 400 Gb/s per GPU", 989e12, 44e9, 370e9, 8, 5e-6, 8)
+"""989 TFLOPS bf16 dense; one 400 Gb/s NIC per GPU at the same 88% achieved/nominal as FDR;
+NVLink 4 at 450 GB/s nominal, ~370 GB/s achieved all-reduce bus bandwidth."""
+
+UTILISATION_PLAUSIBLE = (0.30, 0.50)
+"""Achieved fraction of peak for cuDNN-era (v1-v2) VGG training on Kepler (K40m)."""
 
 
 @dataclass
 class Fit:
-    utilisation: float = 0.5  # achieved fraction of peak FLOPs
-    overlap: float = 1.0  # fraction of compute that can hide the exchange (lazy)
-    hybrid_efficiency: float = 1.0  # fraction of bandwidth the layer-by-layer activation
-    # exchange of hybrid parallelism achieves (small synchronous messages)
+    """The model's one fitted parameter."""
+
+    utilisation: float = 0.4  # achieved fraction of peak FLOPs
 
 
-def per_device_bandwidth(m: Machine, n: int) -> float:
+def comm_seconds(net_bytes: float, m: Machine, n: int) -> float:
+    """Seconds of a ring/butterfly all-reduce of ``net_bytes`` per device over n devices.
+
+    Within a node each device sends ``2 (N-1)/N`` of the bytes over the intra-node fabric;
+    beyond it, the node link carries the off-node share ``(N-g)/N`` of its g devices' traffic.
+    """
+    if n == 1:
+        return 0.0
+    lat = 2 * (n - 1) * m.latency_s
     if n <= m.gpus_per_node:
-        return m.intra_bytes_s
-    return m.link_bytes_s * m.links_per_node / m.gpus_per_node
+        return 2 * (n - 1) / n * net_bytes / m.intra_bytes_s + lat
+    g = m.gpus_per_node
+    off_node = g * 2 * net_bytes * (n - g) / n
+    on_node = 2 * (n - 1) / n * net_bytes
+    return max(off_node / (m.link_bytes_s * m.links_per_node), on_node / m.intra_bytes_s) + lat
+
+
+def compute_seconds(net: Net, m: Machine, fit: Fit, n: int, batch_per_device: int) -> float:
+    """Compute per step; slowed by ``N * threads / cores`` when processes share CPU cores."""
+    share = max(1.0, n * m.threads_per_proc / m.cores) if m.cores else 1.0
+    return share * batch_per_device * net.flops / (m.peak_flops * fit.utilisation)
 
 
 def step_time(
     net: Net, m: Machine, fit: Fit, n: int, batch_per_device: int, strategy: str
 ) -> dict[str, float]:
     """Seconds per step of one device: compute, exchange and what of it is exposed."""
-    compute = batch_per_device * net.flops / (m.peak_flops * fit.utilisation)
+    compute = compute_seconds(net, m, fit, n, batch_per_device)
     if n == 1:
         return {"compute": compute, "comm": 0.0, "exposed": 0.0, "step": compute}
-    bw = per_device_bandwidth(m, n)
     if strategy == "hybrid":
-        global_batch = batch_per_device * n
-        acts = 2 * (n - 1) / n * global_batch * net.fc_activation_bytes  # forward + backward
-        grads = 2 * (n - 1) / n * net.conv_param_bytes
-        act_s = acts / (bw * fit.hybrid_efficiency) + 6 * (n - 1) * m.latency_s
-        comm = act_s + grads / bw
-        exposed = act_s + max(0.0, grads / bw - fit.overlap * compute)
-    else:
-        comm = 2 * (n - 1) / n * net.param_bytes / bw + 2 * (n - 1) * m.latency_s
-        hidden = fit.overlap * compute if strategy == "lazy" else 0.0
-        exposed = max(0.0, comm - hidden)
+        g = min(n, m.gpus_per_node)
+        acts = 2 * batch_per_device * n * net.fc_activation_bytes  # all-gather, fwd + bwd
+        if n <= m.gpus_per_node:
+            act_s = (n - 1) / n * acts / m.intra_bytes_s
+        else:
+            act_s = g * (n - g) / n * acts / (m.link_bytes_s * m.links_per_node)
+        act_s += 6 * (n - 1) * m.latency_s
+        comm = act_s + comm_seconds(net.conv_param_bytes, m, n)
+        return {"compute": compute, "comm": comm, "exposed": comm, "step": compute + comm}
+    comm = comm_seconds(net.param_bytes, m, n)
+    exposed = max(0.0, comm - overlap(net, strategy) * compute)
     return {"compute": compute, "comm": comm, "exposed": exposed, "step": compute + exposed}
 
 
@@ -126,63 +187,71 @@ def speedup(net: Net, m: Machine, fit: Fit, n: int, global_batch: int, strategy:
     return n * one / step_time(net, m, fit, n, b, strategy)["step"]
 
 
-def crossover(net: Net, m: Machine, fit: Fit, per_device: int = 64) -> int | None:
-    """Smallest power-of-two device count where data parallelism beats hybrid."""
-    for n in (2, 4, 8, 16, 32, 64, 128):
-        dp = step_time(net, m, fit, n, per_device, "lazy")["step"]
+def crossover(
+    net: Net, m: Machine, fit: Fit, strategy: str = "lazy", per_device: int = 64
+) -> int | None:
+    """Smallest device count (multiple of a node beyond one node) where data parallelism with
+    ``strategy`` is faster than hybrid at ``per_device`` images per device."""
+    counts = [2, 3, 4] + list(range(8, 257, 4))
+    for n in counts:
+        dp = step_time(net, m, fit, n, per_device, strategy)["step"]
         hy = step_time(net, m, fit, n, per_device, "hybrid")["step"]
         if dp < hy:
             return n
     return None
 
 
-def calibrate(net: Net, m: Machine) -> Fit:
-    """Fit utilisation, overlap and hybrid efficiency to the paper's two points.
+def calibrate(net: Net, m: Machine, target: float = 47.0, gpus: int = 64, batch: int = 1024) -> Fit:
+    """Fit utilisation (the one free parameter) so lazy update gives ``target``x at ``gpus``.
 
-    Among the fits whose crossover is at 16 GPUs, the one whose 64-GPU speedup at batch 1024
-    is closest to 47x, preferring the highest hybrid efficiency on ties (grid search).
+    Speedup falls as utilisation rises (faster compute exposes more exchange); bisection.
     """
-    best, best_key = Fit(), (math.inf, 0.0)
-    for eta in (1.0, 0.5, 0.33, 0.25, 0.2, 0.15, 0.1):
-        for ui in range(5, 101, 5):
-            for oi in range(0, 101, 5):
-                fit = Fit(ui / 100, oi / 100, eta)
-                if crossover(net, m, fit) != 16:
-                    continue
-                key = (round(abs(speedup(net, m, fit, 64, 1024, "lazy") - 47), 1), -eta)
-                if key < best_key:
-                    best, best_key = fit, key
-    return best
+    lo, hi = 0.01, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if speedup(net, m, Fit(mid), gpus, batch, "lazy") > target:
+            lo = mid
+        else:
+            hi = mid
+    return Fit((lo + hi) / 2)
 
 
 def simulate(measured: dict[str, Any] | None = None) -> dict[str, Any]:
     """Calibrate on the paper, predict an H100 cluster, and check local measurements."""
     net = vgg_net(VGG_A)
     fit = calibrate(net, MINWA)
-    gpus = [1, 2, 4, 8, 16, 32, 64]
     rows = []
-    for n in gpus:
+    for n in (1, 2, 4, 8, 16, 32, 64):
         rows.append(
             {
                 "gpus": n,
                 "minwa_lazy_b1024": speedup(net, MINWA, fit, n, 1024, "lazy"),
                 "minwa_butterfly_b1024": speedup(net, MINWA, fit, n, 1024, "butterfly"),
                 "minwa_lazy_b64pg": step_time(net, MINWA, fit, n, 64, "lazy")["step"],
+                "minwa_butterfly_b64pg": step_time(net, MINWA, fit, n, 64, "butterfly")["step"],
                 "minwa_hybrid_b64pg": step_time(net, MINWA, fit, n, 64, "hybrid")["step"],
                 "h100_lazy_b1024": speedup(net, H100, fit, n, 1024, "lazy"),
                 "h100_butterfly_b1024": speedup(net, H100, fit, n, 1024, "butterfly"),
                 "h100_lazy_b64pg": speedup(net, H100, fit, n, 64 * n, "lazy"),
             }
         )
-    result = {
-        "net": asdict(net),
+    model_47 = speedup(net, MINWA, fit, 64, 1024, "lazy")
+    result: dict[str, Any] = {
+        "net": {k: v for k, v in asdict(net).items() if k != "layers"},
+        "machine": asdict(MINWA),
         "fit": asdict(fit),
+        "overlap": {s: overlap(net, s) for s in ("butterfly", "ddp", "lazy")},
         "paper": {
             "speedup_64_gpus_batch_1024": {
                 "paper": 47.0,
-                "model": speedup(net, MINWA, fit, 64, 1024, "lazy"),
+                "model": model_47,
+                "error": model_47 / 47.0 - 1,
             },
-            "dp_beats_hybrid_from": {"paper": 16, "model": crossover(net, MINWA, fit)},
+            "dp_beats_hybrid_from": {
+                "paper": ">16",
+                "model_lazy": crossover(net, MINWA, fit, "lazy"),
+                "model_butterfly": crossover(net, MINWA, fit, "butterfly"),
+            },
         },
         "rows": rows,
     }
@@ -191,68 +260,91 @@ def simulate(measured: dict[str, Any] | None = None) -> dict[str, Any]:
     return result
 
 
-def validate_local(measured: dict[str, Any]) -> list[dict[str, Any]]:
-    """Predict local step times from N=1 compute and a bandwidth fitted on butterfly at N=2.
+LOCAL_LATENCY_S = 50e-6
+"""Per-message latency of gloo over loopback TCP (order of a loopback round trip)."""
 
-    The local machine is described like a cluster node: compute per step measured at N=1;
-    bytes and blocking time of butterfly at N=2 give the effective bandwidth; overlap is 1.
+
+def validate_local(
+    measured: dict[str, Any], cores: int | None = None, fit_on: tuple[int, str] = (2, "butterfly")
+) -> dict[str, Any]:
+    """Predict measured step times from a model of this machine; report per-point errors.
+
+    Compute per step is each strategy's N=1 step, scaled by ``max(1, N * threads / cores)``
+    when the processes outnumber the cores. Gloo's effective bandwidth is fitted once, on
+    ``fit_on`` (butterfly at N=2: no overlap, no oversubscription), as bytes per second of
+    exposed time; every other N > 1 point is a prediction with the overlap of :func:`overlap`.
     """
+    cores = cores or os.cpu_count() or 1
+    spec = measured.get("spec", {})
+    width = float(spec.get("width", 0.25))
+    net = vgg_net(VGG_D, image=int(spec.get("image_size", 64)), fc=round(4096 * width),
+                  classes=100, width=width)  # fmt: skip
     rows = measured["rows"]
-    compute = {r["procs"]: r["compute_s"] for r in rows if r["sync"] == "butterfly"}
-    base = next(r for r in rows if r["procs"] == 2 and r["sync"] == "butterfly")
-    bw = base["bytes"] / max(base["blocking_s"], 1e-9)
+    compute = {r["sync"]: r["compute_s"] for r in rows if r["procs"] == 1}
+    base = next(r for r in rows if (r["procs"], r["sync"]) == fit_on)
+    share = max(1.0, fit_on[0] / cores)
+    base_exposed = base["step_s"] - share * compute[base["sync"]]
+    base_exposed -= 2 * (fit_on[0] - 1) * LOCAL_LATENCY_S
+    bw = base["bytes"] / max(base_exposed, 1e-9)
     out = []
     for r in rows:
-        n = r["procs"]
-        if n == 1:
+        n, sync = r["procs"], r["sync"]
+        if n == 1 or (n, sync) == fit_on:
             continue
-        comm = r["bytes"] / bw
-        c = compute.get(n, r["compute_s"])
-        exposed = max(0.0, comm - c) if r["sync"] == "lazy" else comm
-        if r["sync"] == "ddp":
-            exposed = max(0.0, comm - 2 / 3 * c)
-        predicted = c + exposed
-        out.append(
-            {
-                "procs": n,
-                "sync": r["sync"],
-                "measured_step_s": r["step_s"],
-                "predicted_step_s": predicted,
-                "error": (predicted - r["step_s"]) / r["step_s"],
-            }
-        )
-    return out
+        c = max(1.0, n / cores) * compute.get(sync, r["compute_s"])
+        comm = r["bytes"] / bw + 2 * (n - 1) * LOCAL_LATENCY_S
+        predicted = c + max(0.0, comm - overlap(net, sync) * c)
+        out.append({"procs": n, "sync": sync, "measured_step_s": r["step_s"],
+                    "predicted_step_s": predicted,
+                    "error": (predicted - r["step_s"]) / r["step_s"]})  # fmt: skip
+    mae = statistics.fmean(abs(r["error"]) for r in out) if out else 0.0
+    return {"cores": cores, "bandwidth_bytes_s": bw, "fit_on": list(fit_on),
+            "latency_s": LOCAL_LATENCY_S, "rows": out, "mean_abs_error": mae}  # fmt: skip
 
 
 def print_simulation(result: dict[str, Any]) -> None:
-    net, fit, paper = result["net"], result["fit"], result["paper"]
-    print(f"# scaling model: {net['name']}, {net['param_bytes'] / 1e6:.0f} MB of parameters, "
+    """Print the calibration, the paper points with their error, and the prediction table."""
+    net, fit, paper, m = result["net"], result["fit"], result["paper"], result["machine"]
+    ov = result["overlap"]
+    print(f"# scaling model: {net['name']}, {net['param_bytes'] / 1e6:.0f} MB of parameters "
+          f"({net['conv_param_bytes'] / 1e6:.0f} MB conv), "
           f"{net['flops'] / 1e9:.1f} GFLOP per training image")  # fmt: skip
-    print(
-        f"fitted on Minwa: utilisation {fit['utilisation']:.2f}, overlap {fit['overlap']:.2f}, "
-        f"hybrid activation-exchange efficiency {fit['hybrid_efficiency']:.2f}"
-    )
+    print(f"Minwa: {m['peak_flops'] / 1e12:.2f} TFLOPS/GPU, FDR {m['link_bytes_s'] / 1e9:.1f} GB/s "
+          f"per node of {m['gpus_per_node']}, PCIe {m['intra_bytes_s'] / 1e9:.0f} GB/s, "
+          f"latency {m['latency_s'] * 1e6:.0f} us")  # fmt: skip
+    print(f"overlap (from layer order): butterfly {ov['butterfly']:.2f}, ddp {ov['ddp']:.2f}, "
+          f"lazy {ov['lazy']:.3f}")  # fmt: skip
+    lo, hi = UTILISATION_PLAUSIBLE
+    print(f"fitted (one parameter): utilisation {fit['utilisation']:.3f} of peak "
+          f"(plausible for K40m cuDNN-era VGG: {lo:.2f}-{hi:.2f})")  # fmt: skip
     s = paper["speedup_64_gpus_batch_1024"]
     c = paper["dp_beats_hybrid_from"]
-    print(f"64 GPUs, batch 1024: paper {s['paper']:.0f}x, model {s['model']:.1f}x")
-    print(f"data parallel beats hybrid from: paper >16 GPUs, model {c['model']} GPUs")
+    print(f"64 GPUs, batch 1024: paper {s['paper']:.0f}x, model {s['model']:.1f}x "
+          f"(error {100 * s['error']:+.1f}%, the fitted point)")  # fmt: skip
+    print(f"data parallel beats hybrid (64/GPU) from: paper >16 GPUs, model {c['model_lazy']} "
+          f"GPUs with lazy overlap, {c['model_butterfly']} GPUs without (butterfly)")  # fmt: skip
     print()
-    header = ("gpus", "Minwa lazy", "Minwa bfly", "DP s/step", "hybrid s/step", "H100 lazy",
-              "H100 bfly", "H100 64/GPU")  # fmt: skip
+    header = ("gpus", "Minwa lazy", "Minwa bfly", "lazy s/step", "bfly s/step", "hybrid s/step",
+              "H100 lazy", "H100 bfly", "H100 64/GPU")  # fmt: skip
     print(" ".join(f"{h:>13}" for h in header))
     for r in result["rows"]:
         vals = [r["gpus"], r["minwa_lazy_b1024"], r["minwa_butterfly_b1024"],
-                r["minwa_lazy_b64pg"], r["minwa_hybrid_b64pg"], r["h100_lazy_b1024"],
-                r["h100_butterfly_b1024"], r["h100_lazy_b64pg"]]  # fmt: skip
+                r["minwa_lazy_b64pg"], r["minwa_butterfly_b64pg"], r["minwa_hybrid_b64pg"],
+                r["h100_lazy_b1024"], r["h100_butterfly_b1024"], r["h100_lazy_b64pg"]]  # fmt: skip
         print(" ".join(f"{v:>13}" if isinstance(v, int) else f"{v:>13.3f}" for v in vals))
     print("(speedups at global batch 1024 unless '64/GPU'; step times in seconds at 64/GPU)")
     if "local" in result:
+        loc = result["local"]
+        n_fit, s_fit = loc["fit_on"]
         print()
-        print("local check (compute at N=1, bandwidth fitted on butterfly N=2):")
-        for r in result["local"]:
+        print(f"local validation: {loc['cores']} cores, compute x max(1, N/cores), gloo "
+              f"{loc['bandwidth_bytes_s'] / 1e6:.0f} MB/s fitted on {s_fit} N={n_fit}, "
+              f"latency {loc['latency_s'] * 1e6:.0f} us")  # fmt: skip
+        for r in loc["rows"]:
             print(f"  N={r['procs']} {r['sync']:>9}: measured {r['measured_step_s'] * 1e3:8.1f} ms"
                   f"  predicted {r['predicted_step_s'] * 1e3:8.1f} ms"
                   f"  error {100 * r['error']:+.0f}%")  # fmt: skip
+        print(f"  mean absolute error {100 * loc['mean_abs_error']:.0f}%")
 
 
 # --- the measured benchmark ------------------------------------------------------------------

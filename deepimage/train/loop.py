@@ -43,6 +43,7 @@ from deepimage.metrics import ClassificationMeter
 from deepimage.models import get_model
 from deepimage.parallel import dist as pdist
 from deepimage.parallel.strategy import broadcast_model, build_strategy
+from deepimage.parallel.sync_bn import convert_sync_batchnorm
 from deepimage.runs import (
     CHECKPOINT,
     WEIGHTS,
@@ -189,9 +190,10 @@ class Trainer:
             cfg, self.model, self.classes, dict(self.data.train_store.class_names)
         )
         if cfg.sync_bn and self.world > 1:
-            if self.device.type != "cuda":
-                raise ConfigError("config key 'sync_bn': synchronised batch norm needs CUDA")
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            if self.device.type == "cuda":  # NCCL: torch's fused kernels
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            else:  # torch's SyncBatchNorm refuses CPU tensors
+                self.model = convert_sync_batchnorm(self.model)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
         broadcast_model(self.model)

@@ -149,3 +149,67 @@ def run_hang(rank: int, world: int, port: int, out: str) -> None:
         message = str(err)
     result = {"message": message, "seconds": time.monotonic() - start}
     (Path(out) / "hang.json").write_text(json.dumps(result))
+
+
+BN_MODEL = "resnet18"
+BN_WIDTH = 0.125
+BN_CASES = ["ddp", "butterfly", "lazy"]
+
+
+def build_bn_model() -> torch.nn.Module:
+    from deepimage.models import get_model
+
+    torch.manual_seed(SEED)
+    return get_model(BN_MODEL, num_classes=CLASSES, image_size=SIZE, width=BN_WIDTH)
+
+
+def bn_reference_state(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """One process, plain batch norm, the whole batch, torch.optim.SGD, in ``dtype``."""
+    from deepimage.train.step import forward_backward
+
+    model = build_bn_model().to(dtype)
+    opt = torch.optim.SGD(model.parameters(), **HYPER)
+    for step in range(STEPS):
+        x, y, _ = batch(step)
+        forward_backward(model, x.to(dtype), y, precision="fp32")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run_sync_bn(rank: int, world: int, port: int, out: str) -> None:
+    """Train a batch-norm model with synchronised batch norm under each strategy."""
+    from deepimage.parallel.strategy import broadcast_model, build_strategy
+    from deepimage.parallel.sync_bn import convert_sync_batchnorm
+    from deepimage.train.step import forward_backward
+
+    setup(rank, world, port)
+    report: dict = {}
+    for sync in BN_CASES:
+        model = convert_sync_batchnorm(build_bn_model())
+        broadcast_model(model)
+        opt = torch.optim.SGD(model.parameters(), **HYPER)
+        strategy = build_strategy(sync, model, opt, bucket_mb=0.05)
+        train_model = strategy.wrap()
+        local = GLOBAL_BATCH // world
+        lo, hi = rank * local, (rank + 1) * local
+        identical = []
+        for step in range(STEPS):
+            x, y, _ = batch(step)
+            forward_backward(
+                train_model, x[lo:hi], y[lo:hi], precision="fp32", micro_step=strategy.micro_step
+            )
+            strategy.step()
+            strategy.zero_grad()
+            strategy.flush()
+            flat = torch.cat([t.detach().float().reshape(-1) for t in model.state_dict().values()])
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            identical.append(all(torch.equal(gathered[0], t) for t in gathered))
+        report[sync] = {"identical": identical}
+        if rank == 0:
+            weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            save_file(weights, str(Path(out) / f"bn-{sync}.safetensors"))
+        strategy.close()
+    (Path(out) / f"bn-report-{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
