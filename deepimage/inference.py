@@ -32,6 +32,11 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def _forward(net: torch.nn.Module, x: torch.Tensor, device: torch.device, precision: str):
+    with autocast(device, precision):
+        return net(x).float()
+
+
 @torch.inference_mode()
 def logits_for(
     model: torch.nn.Module,
@@ -45,8 +50,7 @@ def logits_for(
 ) -> torch.Tensor:
     """float32 logits for ``(B, S, S, 3)`` uint8 images, centre-cropped to ``crop``."""
     x = to_model_input(center_crop(images, crop), mean, std, device, channels_last)
-    with autocast(device, precision):
-        return model(x).float()
+    return _forward(model, x, device, precision)
 
 
 TTA_MODES = ("center", "flip", "dense")
@@ -87,8 +91,7 @@ def posteriors_for(
     for net, x in views:
         inputs = [x, x.flip(3)] if "flip" in tta else [x]
         for view in inputs:
-            with autocast(device, precision):
-                probs = torch.softmax(net(view).float(), dim=1)
+            probs = torch.softmax(_forward(net, view, device, precision), dim=1)
             total = probs if total is None else total + probs
             count += 1
     return total / count
@@ -122,13 +125,9 @@ def evaluate_batches(
     for images, labels, _rows in tqdm(
         batches, total=total, disable=not progress, desc=desc, leave=False
     ):
-        if tuple(tta) == ("center",):  # the training-time validation path
-            logits = logits_for(model, images, crop, mean, std, device, precision, channels_last)
-            posteriors = torch.softmax(logits, dim=1)
-        else:
-            posteriors = posteriors_for(
-                model, images, crop, mean, std, device, precision, channels_last, tta, dense
-            )
+        posteriors = posteriors_for(
+            model, images, crop, mean, std, device, precision, channels_last, tta, dense
+        )
         meter.update(posteriors.cpu(), labels)
         probs.append(posteriors.cpu().numpy())
     model.train(was_training)
