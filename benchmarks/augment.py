@@ -8,13 +8,15 @@ same probabilities and ranges. One process, one thread (``torch.set_num_threads(
 
   decode only        deepimage's decoder (Pillow, full size), and cv2.imdecode: the limit
   deepimage JPEG     decode (reduced-size DCT where the photo is >= 2 S) + one warp that folds
-                     the resize into the augmentation grid + one photometric pass
+                     the resize into the augmentation grid + one photometric pass (the
+                     default backend on CPU: OpenCV, see deepimage.augment.cv_backend)
   albumentations     cv2.imdecode + SmallestMaxSize, RandomCrop, HorizontalFlip, Rotate,
                      RGBShift, OpticalDistortion, a user-written vignette, Normalize
   torchvision v2     decode_jpeg + Resize, RandomCrop, RandomHorizontalFlip, RandomRotation,
                      user-written cast, vignette and lens distortion, ToDtype, Normalize
-  deepimage store    batches of 64 read from the prepared uint8 store (no decode) into a
-                     reused buffer, augmented
+  deepimage store    batches of 64 from the prepared uint8 store (no decode), reading only
+                     each image's crop window into a reused buffer; also whole images on
+                     the torch backend (F.grid_sample, the device path), as before
 
 Paths run interleaved, 64 photos at a time, over all photos ``--repeats`` times; medians,
 spread and ratios are printed, and the last line is JSON.
@@ -187,23 +189,28 @@ def per_image(fn: Callable[[bytes], object]) -> Callable[[list[bytes], np.ndarra
 
 
 def store_path(
-    store: Path, size: int, crop: int, batch: int = 64
+    store: Path, size: int, crop: int, backend: str = "auto", batch: int = 64
 ) -> Callable[[list[bytes], np.ndarray, int], None]:
-    """Read the rows' images from the store into a reused buffer (as a loader does) and
-    augment them as one batch."""
+    """Augment the rows of the prepared store as one batch: on the default backend reading
+    only each image's crop window (``Augment.from_store``); on the torch backend reading
+    whole images into a reused buffer (as the loader does) and warping with grid_sample."""
     from deepimage.data.store import Store
 
     st = Store.open(store)
     images = st.images(size)
     augment = build_train_augment(
-        "deepimage", size=size, crop=crop, seed=0, mean=MEAN, std=STD, stats=st.stats
-    )
+        "deepimage", size=size, crop=crop, seed=0, mean=MEAN, std=STD, stats=st.stats,
+        backend=backend,
+    )  # fmt: skip
     buf = np.empty((batch, size, size, 3), np.uint8)
 
     def run(blobs: list[bytes], rows: np.ndarray, epoch: int) -> None:
-        out = buf[: len(rows)]
-        np.take(images, rows, axis=0, out=out)
-        x = augment(torch.from_numpy(out), rows, epoch)
+        if backend == "torch":
+            out = buf[: len(rows)]
+            np.take(images, rows, axis=0, out=out)
+            x = augment(torch.from_numpy(out), rows, epoch)
+        else:
+            x = augment.from_store(images, rows, epoch)
         del x
 
     return run
@@ -240,6 +247,7 @@ def run(data: str, size: int, crop: int = 224, repeats: int = 5, limit: int | No
     peers["torchvision v2"] = torchvision_path(size, crop)
     jpeg = deepimage_jpeg_path(size, crop)
     name_store = "deepimage from store (batches of 64)"
+    name_torch = "deepimage from store, torch backend"
     paths: dict[str, Callable[[list[bytes], np.ndarray, int], None]] = {
         "decode only (Pillow, deepimage's decoder)": per_image(decode_pil),
         "decode only (cv2.imdecode)": per_image(decode_cv2),
@@ -251,7 +259,9 @@ def run(data: str, size: int, crop: int = 224, repeats: int = 5, limit: int | No
         (blobs[i : i + 64], np.arange(i, min(i + 64, len(blobs)))) for i in range(0, len(blobs), 64)
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        paths[name_store] = store_path(prepare(files, size, Path(tmp)), size, crop)
+        prepared = prepare(files, size, Path(tmp))
+        paths[name_store] = store_path(prepared, size, crop)
+        paths[name_torch] = store_path(prepared, size, crop, "torch")
         for fn in paths.values():  # warm-up
             fn(*chunks[0], 0)
         rates: dict[str, list[float]] = {k: [] for k in paths}
@@ -280,8 +290,12 @@ def run(data: str, size: int, crop: int = 224, repeats: int = 5, limit: int | No
     print(f"  deepimage JPEG / decode only (cv2)      : "
           f"{ratio('deepimage from JPEG', 'decode only (cv2.imdecode)')}")  # fmt: skip
     for peer in peers:
-        print(f"  deepimage JPEG / {peer:<22}: {ratio('deepimage from JPEG', peer)}")
-        print(f"  deepimage store / {peer:<21}: {ratio(name_store, peer)}")
+        for label, name in (
+            ("deepimage JPEG", "deepimage from JPEG"),
+            ("deepimage store", name_store),
+            ("store, torch backend", name_torch),
+        ):
+            print(f"  {f'{label} / {peer}':<40}: {ratio(name, peer)}")
     result = {
         "size": size,
         "crop": crop,
@@ -291,6 +305,7 @@ def run(data: str, size: int, crop: int = 224, repeats: int = 5, limit: int | No
         "decode_images_per_s": round(med[dec], 1),
         "decode_cv2_images_per_s": round(med["decode only (cv2.imdecode)"], 1),
         "store_images_per_s": round(med[name_store], 1),
+        "store_torch_images_per_s": round(med[name_torch], 1),
     }
     for peer in peers:
         result[peer.split()[0] + "_images_per_s"] = round(med[peer], 1)

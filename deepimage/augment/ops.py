@@ -18,10 +18,16 @@ per-pixel factors as broadcast rows of length ``3C`` (grids as ``2C``), so no el
 loop runs over an innermost dimension of 3. On CPU images are processed one at a time: the
 intermediates stay in cache and an image's result is bitwise the same whatever batch it is
 in. On other devices the batch is processed at once.
+
+Backends: ``torch`` (the code here; the device path, CUDA included) and ``cv2``
+(:mod:`deepimage.augment.cv_backend`: OpenCV's warps and vectorised photometry, about twice
+as fast per image on CPU, equal up to rounding the warped crop to uint8). ``auto`` picks
+``cv2`` for CPU tensors when OpenCV is importable, else ``torch``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -30,6 +36,29 @@ import torch
 import torch.nn.functional as F
 
 from deepimage.augment.params import AugmentParams, linear_part
+
+BACKENDS = ("auto", "torch", "cv2")
+
+
+@functools.lru_cache(maxsize=1)
+def _have_cv2() -> bool:
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """``torch`` or ``cv2`` for images on ``device``: ``auto`` (or None) is ``cv2`` on CPU
+    when OpenCV is importable, else ``torch``."""
+    if backend in (None, "auto"):
+        return "cv2" if device.type == "cpu" and _have_cv2() else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown augmentation backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "cv2" and device.type != "cpu":
+        raise ValueError(f"the cv2 augmentation backend runs on CPU, not {device.type}")
+    return backend
 
 
 @functools.lru_cache(maxsize=16)
@@ -205,6 +234,15 @@ class _Normalise:
         self.scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32)
         self.shift = np.array([-m / s for m, s in zip(mean, std)], dtype=np.float32)
         self._rows: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._matrix: np.ndarray | None = None
+
+    def matrix(self) -> np.ndarray:
+        """``(3, 4)`` float32 ``[diag(scale) | shift]`` (the cv2 backend's normalisation)."""
+        if self._matrix is None:
+            from deepimage.augment.cv_backend import normalise_matrix
+
+            self._matrix = normalise_matrix(self.scale, self.shift)
+        return self._matrix
 
     def rows(self, crop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (crop, device)
@@ -292,16 +330,23 @@ def apply_params(
     norm: _Normalise | None = None,
     out: torch.Tensor | None = None,
     per_image: bool | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """The whole augmentation of ``(B, S, S, 3)`` uint8 images: float32 ``(B, 3, C, C)``
     normalised, channels_last in memory (written into ``out``, ``(B, C, C, 3)``, if given).
 
-    ``per_image`` (default: on CPU only) processes one image at a time instead of the batch.
+    ``backend`` as :func:`resolve_backend`. On the torch backend ``per_image`` (default: on
+    CPU only) processes one image at a time instead of the batch.
     """
     b, dev = len(images), images.device
     norm = norm or _Normalise(mean, std)
     if out is None:
         out = torch.empty((b, crop, crop, 3), dtype=torch.float32, device=dev)
+    if resolve_backend(backend, dev) == "cv2":
+        pixels = images.numpy()
+        top, left = params.top.numpy(), params.left.numpy()
+        crops = [pixels[i, t : t + crop, lf : lf + crop] for i, t, lf in zip(range(b), top, left)]
+        return _apply_crops_cv2(crops, params, crop, norm, out)
     rows_out = out.view(b, crop, 3 * crop)
     coef = grid_coefficients(params, crop)
     warps = params.warps().numpy()
@@ -326,6 +371,48 @@ def apply_params(
         rgb_i = rgb[s] if has_rgb[i] else None
         _photometric(x.reshape(1, crop, 3 * crop), rgb_i, radius[s], strength[s], norm, rows_out[s])
     return out.permute(0, 3, 1, 2)
+
+
+def _apply_crops_cv2(
+    crops: Sequence[np.ndarray],
+    params: AugmentParams,
+    crop: int,
+    norm: _Normalise,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    from deepimage.augment.cv_backend import augment_crops, pixel_matrices
+
+    local = dataclasses.replace(
+        params, top=torch.zeros_like(params.top), left=torch.zeros_like(params.left)
+    )
+    coef = grid_coefficients(local, crop)
+    augment_crops(
+        crops, pixel_matrices(coef, crop, crop), coef[:, 6], params.warps().numpy(),
+        params.flip.numpy(), _rgb(params), params.vignette_radius.numpy(),
+        params.vignette_strength.numpy(), norm.matrix(), out.numpy(),
+    )  # fmt: skip
+    return out.permute(0, 3, 1, 2)
+
+
+def apply_crops(
+    crops: Sequence[np.ndarray],
+    params: AugmentParams,
+    crop: int,
+    norm: _Normalise,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """:func:`apply_params` given each image's ``C x C`` uint8 crop window (``(C, C, 3)``
+    arrays, e.g. views into a store's memmap) instead of whole images: every warp stays
+    inside its window, so nothing else is read. Always on CPU."""
+    if out is None:
+        out = torch.empty((len(crops), crop, crop, 3), dtype=torch.float32)
+    if resolve_backend(backend, out.device) == "cv2":
+        return _apply_crops_cv2(crops, params, crop, norm, out)
+    windows = torch.from_numpy(np.stack(crops)) if len(crops) else torch.empty(0, crop, crop, 3)
+    zero = torch.zeros_like(params.top)
+    local = dataclasses.replace(params, top=zero, left=zero)
+    return apply_params(windows, local, crop, (), (), norm, out, backend=backend)
 
 
 def frame_for_source(
@@ -359,19 +446,18 @@ def apply_to_sources(
     norm: _Normalise,
     mode: str = "stretch",
     out: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Augment decoded ``(H, W, 3)`` uint8 images of any sizes as if each had been resized to
     ``S x S`` first: the resize is folded into the sampling grid, so there is one
     interpolation in all. Returns float32 ``(B, 3, C, C)`` normalised, channels_last (written
-    into ``out``, ``(B, C, C, 3)``, if given)."""
+    into ``out``, ``(B, C, C, 3)``, if given); ``backend`` as :func:`resolve_backend`."""
     b = len(images)
     if out is None:
         dev = images[0].device if b else torch.device("cpu")
         out = torch.empty((b, crop, crop, 3), dtype=torch.float32, device=dev)
     radius = params.vignette_radius.numpy()
     strength = params.vignette_strength.numpy()
-    has_rgb = _rgb(params).any(1)
-    rgb = _rgb_rows(params, crop, out.device) if has_rgb.any() else None
     # each source's frame and the part of it under the crop window (+1 pixel to interpolate)
     hw = np.array([img.shape[:2] for img in images], dtype=np.float64).reshape(b, 2)
     scale, offset = frame_for_source(params, size, hw[:, 0], hw[:, 1], mode)
@@ -379,7 +465,19 @@ def apply_to_sources(
     lo, hi = scale * origin + offset, scale * (origin + crop - 1) + offset
     start = np.maximum(np.floor(lo).astype(np.int64) - 1, 0)
     stop = np.minimum(np.ceil(hi).astype(np.int64) + 2, hw[:, ::-1].astype(np.int64))
-    coef = grid_coefficients(params, crop, scale, offset - start, (stop - start)[:, ::-1].T)
+    size_in = (stop - start)[:, ::-1].T  # (height, width) of each source's part
+    coef = grid_coefficients(params, crop, scale, offset - start, size_in)
+    if resolve_backend(backend, out.device) == "cv2":
+        from deepimage.augment.cv_backend import augment_crops, pixel_matrices
+
+        parts = [img.numpy()[y0:y1, x0:x1] for img, (x0, y0), (x1, y1) in zip(images, start, stop)]
+        augment_crops(
+            parts, pixel_matrices(coef, size_in[0], size_in[1]), coef[:, 6], np.ones(b, bool),
+            params.flip.numpy(), _rgb(params), radius, strength, norm.matrix(), out.numpy(),
+        )  # fmt: skip
+        return out.permute(0, 3, 1, 2)
+    has_rgb = _rgb(params).any(1)
+    rgb = _rgb_rows(params, crop, out.device) if has_rgb.any() else None
     grid_rows = _grid_rows(coef, crop, out.device)
     for i, image in enumerate(images):
         s = slice(i, i + 1)

@@ -12,6 +12,7 @@ training default), ``alexnet`` crop, flip and PCA lighting, ``crop_flip`` and ``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepimage.augment.ops import _Normalise, apply_params, apply_to_sources
+from deepimage.augment.ops import (
+    _Normalise,
+    apply_crops,
+    apply_params,
+    apply_to_sources,
+    resolve_backend,
+)
 from deepimage.augment.params import (
     AugmentConfig,
     AugmentParams,
@@ -76,6 +83,9 @@ class Augment:
 
     On CPU the output buffer of one call is reused by the next once nothing refers to the
     previous result any more; use one instance per thread.
+
+    ``backend`` is ``auto``, ``torch`` or ``cv2`` (see :func:`.ops.resolve_backend`): ``auto``
+    runs OpenCV's warps for images on CPU and torch's on other devices.
     """
 
     config: AugmentConfig
@@ -85,18 +95,21 @@ class Augment:
     mean: Sequence[float]
     std: Sequence[float]
     stats: dict[str, Any] | None = None
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
+        resolve_backend(self.backend, torch.device("cpu"))  # a known name
         if self.crop > self.size:
             raise ValueError(f"crop {self.crop} is larger than the images ({self.size})")
         if self.config.lighting.p > 0 and (not self.stats or "eigval" not in self.stats):
             raise ValueError("PCA lighting needs the store's stats (eigval, eigvec)")
         self._norm = _Normalise(self.mean, self.std)
         self._buffer: tuple[torch.Tensor, int] | None = None
+        self._windows: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_buffer"] = None  # a worker process allocates its own
+        state["_buffer"] = state["_windows"] = None  # a worker process allocates its own
         return state
 
     def params(self, rows: np.ndarray | Sequence[int], epoch: int) -> AugmentParams:
@@ -108,7 +121,48 @@ class Augment:
                 f"expected (B, {self.size}, {self.size}, 3) uint8 images, got {tuple(images.shape)}"
             )
         out = self._output(len(images), images.device)
-        return apply_params(images, params, self.crop, self.mean, self.std, self._norm, out)
+        return apply_params(
+            images, params, self.crop, self.mean, self.std, self._norm, out, backend=self.backend
+        )
+
+    def apply_windows(self, windows: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """:meth:`apply` to the ``(B, C, C, 3)`` crop windows ``images[b, top:top + C,
+        left:left + C]`` alone (e.g. from :func:`deepimage.data.loader.read_windows`): the
+        same result, as every warp stays inside its crop window, without reading the rest."""
+        if windows.shape[1:] != (self.crop, self.crop, 3):
+            raise ValueError(
+                f"expected (B, {self.crop}, {self.crop}, 3) uint8 windows, "
+                f"got {tuple(windows.shape)}"
+            )
+        zero = torch.zeros_like(params.top)
+        local = dataclasses.replace(params, top=zero, left=zero)
+        out = self._output(len(windows), windows.device)
+        return apply_params(
+            windows, local, self.crop, self.mean, self.std, self._norm, out, backend=self.backend
+        )
+
+    def from_store(
+        self, images: np.ndarray, rows: np.ndarray | Sequence[int], epoch: int
+    ) -> torch.Tensor:
+        """Augment ``images[rows]`` of a store's ``(N, S, S, 3)`` uint8 array (its memmap) on
+        CPU, reading only each image's crop window (into a reused buffer, in file order):
+        the same result as :meth:`__call__` on the whole images."""
+        from deepimage.data.loader import read_windows
+
+        if images.shape[1:] != (self.size, self.size, 3):
+            raise ValueError(
+                f"expected (N, {self.size}, {self.size}, 3) uint8 images, got {images.shape}"
+            )
+        rows = np.asarray(rows)
+        p = self.params(rows, epoch)
+        shape = (len(rows), self.crop, self.crop, 3)
+        if self._windows is None or self._windows.shape[0] < len(rows):
+            self._windows = np.empty(shape, np.uint8)
+        windows = read_windows(
+            images, rows, p.top.numpy(), p.left.numpy(), self.crop, self._windows[: len(rows)]
+        )
+        out = self._output(len(rows), torch.device("cpu"))
+        return apply_crops(list(windows), p, self.crop, self._norm, out, backend=self.backend)
 
     def _output(self, n: int, device: torch.device) -> torch.Tensor:
         """The output buffer of the previous call when nothing refers to it any more, else a
@@ -143,7 +197,9 @@ class Augment:
         """
         p = self.params(rows, epoch)
         out = self._output(len(images), images[0].device if len(images) else torch.device("cpu"))
-        return apply_to_sources(images, p, self.size, self.crop, self._norm, mode, out)
+        return apply_to_sources(
+            images, p, self.size, self.crop, self._norm, mode, out, backend=self.backend
+        )
 
 
 def build_train_augment(
@@ -156,10 +212,12 @@ def build_train_augment(
     std: Sequence[float],
     stats: dict[str, Any] | None = None,
     device: torch.device | None = None,
+    backend: str = "auto",
 ) -> Augment:
     """The preset's augmentation; ``stats`` are the store's pixel statistics (PCA lighting).
 
     ``device`` is accepted for the trainer's call; the augmentation runs wherever the images
-    are (CPU or CUDA).
+    are (CPU or CUDA), with ``backend`` ``auto`` picking OpenCV on CPU and torch elsewhere.
     """
-    return Augment(preset_config(preset), size, crop, seed, tuple(mean), tuple(std), stats)
+    cfg = preset_config(preset)
+    return Augment(cfg, size, crop, seed, tuple(mean), tuple(std), stats, backend)

@@ -101,6 +101,27 @@ class StoreBatches(Dataset):
         return state
 
 
+def read_windows(
+    images: np.ndarray,
+    rows: np.ndarray,
+    top: np.ndarray,
+    left: np.ndarray,
+    crop: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The ``(B, C, C, 3)`` uint8 windows ``images[row, top:top + C, left:left + C]`` of a
+    store's ``(N, S, S, 3)`` images (a memmap): only the crop windows, which are all that an
+    augmentation reads, instead of whole images (a fifth of the bytes at 224 of 512).
+    Rows are read in file order; ``out`` is filled when given."""
+    rows, pixels = np.asarray(rows), np.asarray(images)  # plain views index faster
+    if out is None:
+        out = np.empty((len(rows), crop, crop, pixels.shape[-1]), dtype=pixels.dtype)
+    for i in np.argsort(rows, kind="stable"):
+        t, lf = int(top[i]), int(left[i])
+        out[i] = pixels[rows[i], t : t + crop, lf : lf + crop]
+    return out
+
+
 def iterate_batches(
     store_path: str | Path,
     size: int,

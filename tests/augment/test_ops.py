@@ -40,9 +40,11 @@ OFF = {  # the same augmentation at probability 0
 C = 32
 
 
-def make(cfg, seed=0, **norm):
+def make(cfg, seed=0, backend="auto", **norm):
     norm = norm or RAW
-    return build_train_augment(cfg, size=40, crop=C, seed=seed, stats=STATS, **norm)
+    return build_train_augment(
+        cfg, size=40, crop=C, seed=seed, stats=STATS, backend=backend, **norm
+    )
 
 
 def raw(x: torch.Tensor) -> torch.Tensor:
@@ -266,11 +268,14 @@ def test_the_batched_path_of_accelerators_matches_per_image(images):
     aug = make(cfg, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     p = aug.params(np.arange(8), 1)
     assert p.warps().any() and not p.warps().all() and (p.vignette_strength > 0).any()
-    per = apply_params(images, p, C, aug.mean, aug.std, per_image=True)
-    batched = apply_params(images, p, C, aug.mean, aug.std, per_image=False)
+    torch_path = dict(backend="torch")
+    per = apply_params(images, p, C, aug.mean, aug.std, per_image=True, **torch_path)
+    batched = apply_params(images, p, C, aug.mean, aug.std, per_image=False, **torch_path)
     assert batched.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(batched, per, atol=1e-4)
-    half = apply_params(images[:3], p.select(slice(0, 3)), C, aug.mean, aug.std, per_image=False)
+    half = apply_params(
+        images[:3], p.select(slice(0, 3)), C, aug.mean, aug.std, per_image=False, **torch_path
+    )
     assert torch.allclose(half, batched[:3], atol=1e-5)
 
 
@@ -278,7 +283,7 @@ def test_the_batched_path_of_accelerators_matches_per_image(images):
 def test_cuda_matches_cpu(images):
     aug = make(PRESETS["deepimage"], mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     rows = np.arange(8)
-    cpu = aug(images, rows, 0)
+    cpu = make(PRESETS["deepimage"], backend="torch", mean=aug.mean, std=aug.std)(images, rows, 0)
     gpu = aug(images.cuda(), rows, 0)
     assert gpu.is_cuda and gpu.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-3)
