@@ -58,6 +58,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=S)
     p.add_argument("--sync", choices=["ddp", "butterfly", "lazy"], default=S,
                    help="gradient sync across torchrun processes (default ddp)")  # fmt: skip
+    p.add_argument("--parallel", choices=["data", "hybrid"], default=S,
+                   help="hybrid: FC layers split across processes (default data)")  # fmt: skip
     p.add_argument("--sync-bn", action="store_true", default=S, help="synchronised batch norm")
     p.add_argument("--bucket-mb", type=float, default=S, help="gradient bucket size (MiB)")
     p.add_argument("--dist-timeout", type=float, default=S, help="collective timeout (s)")
@@ -161,10 +163,25 @@ def _bench_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_hybrid(args: argparse.Namespace) -> int:
+    from deepimage.parallel.hybrid_bench import bench_hybrid, print_hybrid, spec_with
+
+    out = Path(args.out)
+    spec = spec_with(model=args.model, width=args.width, image_size=args.image_size,
+                     batch_per_rank=args.batch_per_rank, steps=args.steps,
+                     rounds=args.rounds)  # fmt: skip
+    result = bench_hybrid(args.procs, spec, out)
+    print_hybrid(result)
+    (out / "hybrid.json").write_text(json.dumps(result, indent=2))
+    print(f"table: {out / 'hybrid.json'}")
+    return 0
+
+
 BENCHES: dict[str, Any] = {
     "augment": _bench_augment,
     "scaling": _bench_scaling,
     "simulate": _bench_simulate,
+    "hybrid": _bench_hybrid,
 }
 
 
@@ -179,6 +196,15 @@ def _add_parallel_benches(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-per-rank", type=int, default=None, help="default 16")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 6)")
     p.add_argument("--out", default="bench-scaling", help="folder for the JSON and PNG")
+    p = bench.add_parser("hybrid", help="hybrid vs data parallel: step time, memory, bytes")
+    p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--model", default=None, help="default vgg16_deepimage")
+    p.add_argument("--width", type=float, default=None, help="default 0.25")
+    p.add_argument("--image-size", type=int, default=None, help="default 96")
+    p.add_argument("--batch-per-rank", type=int, default=None, help="default 16")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
+    p.add_argument("--rounds", type=int, default=None, help="alternating repeats (default 3)")
+    p.add_argument("--out", default="bench-hybrid", help="folder for the JSON")
     p = bench.add_parser("simulate", help="scaling model calibrated on the paper's Minwa")
     p.add_argument("--measured", default=None, help="scaling.json of `bench scaling` to check")
 

@@ -24,7 +24,12 @@ LrScaling = Literal["none", "linear"]
 OptimizerName = Literal["sgd", "adamw"]
 ResizeMode = Literal["stretch", "shorter"]
 SyncName = Literal["ddp", "butterfly", "lazy"]
+ParallelName = Literal["data", "hybrid"]
 AugmentPreset = Literal["deepimage", "alexnet", "crop_flip", "none"]
+
+
+HYBRID_MODELS = ("vgg16_deepimage", "vgg19_deepimage", "alexnet")
+"""Models with a fully-connected classifier that ``parallel: hybrid`` can split."""
 
 
 class ConfigError(ValueError):
@@ -53,6 +58,8 @@ class TrainConfig:
     model: str = "resnet18"
     width: float = 1.0  # channel multiplier for the deepimage VGG and AlexNet nets
     dropout: float | None = None  # None: the model's own default (0.5 in VGG and AlexNet)
+    init_from: str | None = None  # fine-tuning: start from this run's weights (paper 5.3)
+    trainable: str = "all"  # fine-tuning: all, head, or last:K weight layers
     # optimisation
     optimizer: OptimizerName = "sgd"  # the paper's SGD; butterfly and lazy sync need it
     epochs: int = 30
@@ -77,6 +84,7 @@ class TrainConfig:
     seed: int = 0
     # distributed (torchrun): the global batch_size is split evenly across processes
     sync: SyncName = "ddp"  # gradient sync: ddp, butterfly (paper 3.1) or lazy (paper 3.1)
+    parallel: ParallelName = "data"  # hybrid: FC layers split across processes (paper 3.2)
     sync_bn: bool = False  # batch-norm statistics over the global batch
     device_cache_mb: float = 0.0  # hold training images in device memory if they fit; 0: off
     bucket_mb: float = 25.0  # gradient bucket size of ddp and butterfly, in MiB
@@ -124,10 +132,22 @@ class TrainConfig:
             raise ConfigError(f"config key 'max_steps': must be > 0, got {self.max_steps}")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"config key 'gamma': must be in (0, 1], got {self.gamma}")
+        if self.parallel == "hybrid" and self.model not in HYBRID_MODELS:
+            raise ConfigError(
+                f"config key 'parallel': hybrid splits fully-connected classifiers; "
+                f"model {self.model} has none (use {', '.join(HYBRID_MODELS)})"
+            )
         if self.optimizer != "sgd" and self.sync in ("butterfly", "lazy"):
             raise ConfigError(
                 f"config key 'optimizer': {self.sync} sync applies SGD itself; "
                 "use optimizer sgd or sync ddp"
+            )
+        if self.trainable not in ("all", "head") and not (
+            self.trainable.startswith("last:") and self.trainable[5:].isdigit()
+            and int(self.trainable[5:]) > 0
+        ):  # fmt: skip
+            raise ConfigError(
+                f"config key 'trainable': expected all, head or last:K, got {self.trainable!r}"
             )
         if sorted(self.milestones) != list(self.milestones):
             raise ConfigError("config key 'milestones': must be increasing")

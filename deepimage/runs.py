@@ -178,10 +178,14 @@ def load_latest_state(run: str | Path) -> dict[str, Any] | None:
 # --- final weights ------------------------------------------------------------------------
 
 
-def save_weights(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    """Write weights to safetensors with ``meta`` (model name, classes, preprocessing)."""
+def save_weights(
+    path: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    """Write weights (a model or its state dict) to safetensors with ``meta`` (model name,
+    classes, preprocessing)."""
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = model if isinstance(model, dict) else model.state_dict()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {META_KEY: json.dumps(meta)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     if path.name == WEIGHTS:

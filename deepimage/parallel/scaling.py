@@ -48,8 +48,9 @@ class Net:
     flops: float  # training FLOPs per image (3 x forward: forward, input and weight gradients)
     param_bytes: float
     conv_param_bytes: float
-    fc_activation_bytes: float  # per image, inputs of the FC layers (hybrid exchanges them)
+    fc_activation_bytes: float  # per image: FC inputs and logits (hybrid exchanges them)
     layers: list[tuple[float, float]] = field(default_factory=list)  # (fwd FLOPs, bytes)
+    fc_layers: list[tuple[int, int]] = field(default_factory=list)  # (in, out) of each FC
 
 
 def vgg_net(
@@ -66,16 +67,52 @@ def vgg_net(
         c_in = c
     n_conv = len(layers)
     fc_in = c_in * side * side
-    for i, o in ((fc_in, fc), (fc, fc), (fc, classes)):
+    fc_layers = [(fc_in, fc), (fc, fc), (fc, classes)]
+    for i, o in fc_layers:
         layers.append((2.0 * i * o, 4.0 * (i * o + o)))
     return Net(
         name=f"vgg({n_conv} conv + 3 FC) at {image}px",
         flops=3 * sum(f for f, _ in layers),
         param_bytes=sum(b for _, b in layers),
         conv_param_bytes=sum(b for _, b in layers[:n_conv]),
-        fc_activation_bytes=4.0 * (fc_in + 2 * fc),
+        fc_activation_bytes=4.0 * (fc_in + 2 * fc + classes),
         layers=layers,
+        fc_layers=fc_layers,
     )
+
+
+def hybrid_activation_bytes(
+    fc_layers: list[tuple[int, int]], batch_per_device: int, n: int
+) -> float:
+    """Bytes one device sends per step exchanging activations in hybrid parallelism.
+
+    As :mod:`deepimage.parallel.hybrid` does it: an all-gather of the first FC layer's input
+    rows (the conv features of the global batch), an all-gather of every FC layer's output
+    columns (``ceil(out / n)`` per device, padded), and a reduce-scatter of the same size in
+    backward for each; plus the images' dropout keys and the batch sizes (8-byte integers).
+    Ring accounting: a collective over ``n x chunk`` bytes sends ``(n - 1) x chunk``.
+    """
+    if n == 1:
+        return 0.0
+    b = batch_per_device
+    chunks = b * fc_layers[0][0] * 4 + sum(b * n * -(-o // n) * 4 for _, o in fc_layers)
+    return (n - 1) * (2 * chunks + 8 * b + 8)
+
+
+def hybrid_collectives(fc_layers: list[tuple[int, int]]) -> int:
+    """Activation collectives per hybrid step: a gather before each FC layer and of the logits,
+    a reduce-scatter for each in backward, and the gathers of batch sizes and dropout keys."""
+    return 2 * (len(fc_layers) + 1) + 2
+
+
+def hybrid_bytes(
+    fc_layers: list[tuple[int, int]], conv_param_bytes: float, batch_per_device: int, n: int
+) -> float:
+    """Bytes one device sends per hybrid step: activations plus the conv gradient all-reduce."""
+    if n == 1:
+        return 0.0
+    conv = 2 * (n - 1) / n * conv_param_bytes
+    return hybrid_activation_bytes(fc_layers, batch_per_device, n) + conv
 
 
 def overlap(net: Net, strategy: str) -> float:
@@ -167,12 +204,12 @@ def step_time(
         return {"compute": compute, "comm": 0.0, "exposed": 0.0, "step": compute}
     if strategy == "hybrid":
         g = min(n, m.gpus_per_node)
-        acts = 2 * batch_per_device * n * net.fc_activation_bytes  # all-gather, fwd + bwd
+        acts = n / (n - 1) * hybrid_activation_bytes(net.fc_layers, batch_per_device, n)
         if n <= m.gpus_per_node:
             act_s = (n - 1) / n * acts / m.intra_bytes_s
         else:
             act_s = g * (n - g) / n * acts / (m.link_bytes_s * m.links_per_node)
-        act_s += 6 * (n - 1) * m.latency_s
+        act_s += hybrid_collectives(net.fc_layers) * (n - 1) * m.latency_s
         comm = act_s + comm_seconds(net.conv_param_bytes, m, n)
         return {"compute": compute, "comm": comm, "exposed": comm, "step": compute + comm}
     comm = comm_seconds(net.param_bytes, m, n)
@@ -197,6 +234,43 @@ def crossover(
         dp = step_time(net, m, fit, n, per_device, strategy)["step"]
         hy = step_time(net, m, fit, n, per_device, "hybrid")["step"]
         if dp < hy:
+            return n
+    return None
+
+
+def hybrid_crossover_exposure(
+    net: Net, m: Machine, fit: Fit, lo: int = 16, hi: int = 32, per_device: int = 64
+) -> tuple[float, float]:
+    """The band of exposed fractions ``e`` of data parallelism's gradient exchange for which
+    hybrid is faster at ``lo`` devices and data parallelism faster at ``hi`` (Figure 2a).
+
+    Hybrid's exchange (FC activations of the global batch plus conv gradients) grows with N and
+    is on the critical path; data parallelism's is about constant beyond a node, of which a
+    fraction ``e`` is exposed. Crossover in ``(lo, hi]`` needs
+    ``hybrid(lo) / dp(lo) < e <= hybrid(hi) / dp(hi)``, comparing exchange seconds.
+    """
+
+    def ratio(n: int) -> float:
+        hybrid = step_time(net, m, fit, n, per_device, "hybrid")["comm"]
+        return hybrid / comm_seconds(net.param_bytes, m, n)
+
+    return ratio(lo), ratio(hi)
+
+
+def _exposed_share(net: Net, fit: Fit, n: int, strategy: str, per_device: int = 64) -> float:
+    t = step_time(net, MINWA, fit, n, per_device, strategy)
+    return t["exposed"] / t["comm"] if t["comm"] else 0.0
+
+
+def crossover_at_exposure(
+    net: Net, m: Machine, fit: Fit, exposed: float, per_device: int = 64
+) -> int | None:
+    """Smallest device count where data parallelism exposing ``exposed`` of its exchange beats
+    hybrid (the device counts of :func:`crossover`)."""
+    counts = [2, 3, 4] + list(range(8, 257, 4))
+    for n in counts:
+        dp = exposed * comm_seconds(net.param_bytes, m, n)
+        if dp < step_time(net, m, fit, n, per_device, "hybrid")["comm"]:
             return n
     return None
 
@@ -251,6 +325,8 @@ def simulate(measured: dict[str, Any] | None = None) -> dict[str, Any]:
                 "paper": ">16",
                 "model_lazy": crossover(net, MINWA, fit, "lazy"),
                 "model_butterfly": crossover(net, MINWA, fit, "butterfly"),
+                "exposed_band_16_32": list(hybrid_crossover_exposure(net, MINWA, fit)),
+                "exposed_lazy_16": _exposed_share(net, fit, 16, "lazy"),
             },
         },
         "rows": rows,
@@ -323,6 +399,10 @@ def print_simulation(result: dict[str, Any]) -> None:
           f"(error {100 * s['error']:+.1f}%, the fitted point)")  # fmt: skip
     print(f"data parallel beats hybrid (64/GPU) from: paper >16 GPUs, model {c['model_lazy']} "
           f"GPUs with lazy overlap, {c['model_butterfly']} GPUs without (butterfly)")  # fmt: skip
+    e_lo, e_hi = c["exposed_band_16_32"]
+    print(f"hybrid wins up to 16 GPUs and loses from 32 when data parallelism exposes "
+          f"{100 * e_lo:.0f}-{100 * e_hi:.0f}% of its exchange (model at 16 GPUs: lazy "
+          f"{100 * c['exposed_lazy_16']:.0f}%, butterfly 100%)")  # fmt: skip
     print()
     header = ("gpus", "Minwa lazy", "Minwa bfly", "lazy s/step", "bfly s/step", "hybrid s/step",
               "H100 lazy", "H100 bfly", "H100 64/GPU")  # fmt: skip

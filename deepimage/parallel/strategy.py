@@ -152,6 +152,14 @@ class SyncStrategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
 
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's full, unsharded weights (collective where the model is sharded)."""
+        return self.model.state_dict()
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load full, unsharded weights (a sharded model keeps its part)."""
+        self.model.load_state_dict(state)
+
     def close(self) -> None:
         """Remove hooks."""
 

@@ -42,6 +42,7 @@ from deepimage.inference import evaluate_batches, resolve_device
 from deepimage.metrics import ClassificationMeter
 from deepimage.models import get_model
 from deepimage.parallel import dist as pdist
+from deepimage.parallel.hybrid import build_hybrid, shard_classifier
 from deepimage.parallel.strategy import broadcast_model, build_strategy
 from deepimage.parallel.sync_bn import convert_sync_batchnorm
 from deepimage.runs import (
@@ -197,9 +198,12 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
         broadcast_model(self.model)
+        if cfg.parallel == "hybrid":  # this rank keeps 1/N of every FC layer (paper 3.2)
+            shard_classifier(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.device_cache = self._device_cache()
-        self.sync = build_strategy(cfg.sync, self.model, self.optimizer, bucket_mb=cfg.bucket_mb)
+        build = build_hybrid if cfg.parallel == "hybrid" else build_strategy
+        self.sync = build(cfg.sync, self.model, self.optimizer, bucket_mb=cfg.bucket_mb)
         self.train_model = self.sync.wrap()
         self.augment = build_train_augment(
             cfg.augment,
@@ -265,7 +269,7 @@ class Trainer:
             rng["cuda"] = list(torch.cuda.get_rng_state_all())
         return {
             "version": 1,
-            "model": self.model.state_dict(),
+            "model": self.sync.model_state_dict(),
             "optimizer": optimizer,
             "schedule": self.schedule.state_dict(),
             "epoch": self.epoch,
@@ -279,7 +283,7 @@ class Trainer:
         }
 
     def load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.sync.load_model_state_dict(state["model"])
         self.sync.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.epoch = int(state["epoch"])
@@ -403,6 +407,8 @@ class Trainer:
         self.sync.flush()
         shard = np.array_split(self.data.val_rows, self.world)[self.rank]  # no padding
         batches = eval_batches(shard, max(1, self.cfg.batch_size // self.world))
+        if self.cfg.parallel == "hybrid":  # the split head is collective: equal batch counts
+            batches = np.array_split(shard, -(-len(self.data.val_rows) // self.cfg.batch_size))
         meter, _ = evaluate_batches(
             self.model,
             iterate_batches(self.data.val_store.path, self.cfg.size, batches, self.cfg.workers),
@@ -547,8 +553,9 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         self.sync.flush()
+        weights = self.sync.model_state_dict()  # full, unsharded (collective)
         if self.rank == 0:
-            save_weights(self.run / WEIGHTS, self.model, self.meta)
+            save_weights(self.run / WEIGHTS, weights, self.meta)
         last = self.history[-1] if self.history else {}
         summary = {
             "model": self.cfg.model,
