@@ -187,6 +187,11 @@ class Trainer:
             width=cfg.width,
             dropout=cfg.dropout,
         )
+        self.finetune_report = None  # fine-tuning: start weights and frozen layers
+        if cfg.init_from is not None or cfg.trainable != "all":
+            from deepimage.train.finetune import prepare_model
+
+            self.finetune_report = prepare_model(self.model, cfg, self.classes)
         self.meta = model_meta(
             cfg, self.model, self.classes, dict(self.data.train_store.class_names)
         )
