@@ -1,7 +1,7 @@
 """The ``deepimage`` command line: parses flags, builds typed config, calls the library.
 
-Sub-commands: demo, prepare, train, evaluate, predict. Errors a user can fix (bad flags,
-config keys, data paths, checkpoints) end with one line on stderr and exit status 2.
+Sub-commands: demo, prepare, train, evaluate, predict, serve, export. Errors a user can fix
+(bad flags, config keys, data paths, checkpoints) end with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=S, help="model name (see `deepimage models`)")
     p.add_argument("--width", type=float, default=S, help="channel multiplier (VGG, AlexNet)")
     p.add_argument("--size", type=int, default=S, help="source resolution S (default 256)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="one model per source size in OUT/s<size>; OUT/ensemble.json")  # fmt: skip
     p.add_argument("--crop", type=int, default=S, help="crop / input size (default 224)")
     p.add_argument("--resize-mode", choices=["stretch", "shorter"], default=S)
     p.add_argument("--augment", choices=["deepimage", "alexnet", "crop_flip", "none"], default=S)
@@ -100,8 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a classifier")
     _add_train_flags(p)
 
+    p = sub.add_parser("finetune", help="fine-tune a trained model on new data (paper 5.3)")
+    _add_train_flags(p)
+    p.add_argument("--from", dest="init_from", default=S, help="run or weights to start from")
+    p.add_argument("--trainable", default=S, help="all, head or last:K (default all)")
+
     p = sub.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion plots")
-    p.add_argument("source", help="run folder or weights file")
+    p.add_argument("source", nargs="+",
+                   help="run folder or weights file; an ensemble.json or several runs")  # fmt: skip
     p.add_argument("--data", required=True)
     p.add_argument("--out", default=None, help="report folder")
     p.add_argument("--batch-size", type=int, default=64)
@@ -113,14 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="test-time views, combined: centre crop, dense (fully convolutional), flips",
     )  # fmt: skip
     p.add_argument("--scales", type=int, nargs="+", default=None, help="multi-scale testing")
+    p.add_argument("--corrupt", default=None,
+                   help="cast,vignette,distortion,rotation,blur,noise or all")  # fmt: skip
+    p.add_argument("--severity", default="1..5", help="corruption severities: 1..5, 3, 1,3,5")
+    p.add_argument("--corrupt-seed", type=int, default=0, help="seed of the corruptions")
+    p.add_argument("--cache-dir", default=None, help="where folders are prepared into stores")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
-    p = sub.add_parser("predict", help="top-k classes of images")
-    p.add_argument("source", help="run folder or weights file")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.add_argument("--device", default="auto")
+    from deepimage.serve.cli import add_parsers as add_serve_parsers
+
+    add_serve_parsers(sub)  # predict, serve, export
 
     sub.add_parser("models", help="list model names")
 
@@ -238,7 +248,19 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from deepimage.train.loop import train
+    from deepimage.train.multiscale import saved_sizes, train_multiscale
 
+    sizes = vars(args).pop("sizes", None)
+    if sizes is None and args.resume:
+        sizes = saved_sizes(getattr(args, "out", None))
+    if sizes:  # multi-scale training: one member run per size, then an ensemble manifest
+        result = train_multiscale(train_config_from_args(args), sizes, resume=args.resume)
+        if result.get("stopped"):
+            return 130
+        for member in result["members"]:
+            _print_summary(member, member["run"])
+        print(f"ensemble: {result['ensemble']}")
+        return 0
     cfg = train_config_from_args(args)
     summary = train(cfg, resume=args.resume)
     if summary.get("stopped"):
@@ -264,6 +286,26 @@ def _print_summary(summary: dict[str, Any], run: str | None) -> None:
     print(f"run folder: {run}")
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from deepimage.train.finetune import finetune, finetune_config
+
+    if getattr(args, "sizes", None):
+        raise ValueError("finetune: --sizes is for train; fine-tune one member at a time")
+    skip = ("command", "config", "resume", "quiet", "sizes")
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
+    cfg = finetune_config(flags, args.config, resume=args.resume)
+    summary = finetune(cfg, resume=args.resume)
+    if summary.get("stopped"):
+        return 130
+    if os.environ.get("RANK", "0") == "0":
+        from deepimage.train.finetune import FinetuneReport
+
+        for line in FinetuneReport(**summary["finetune"]).lines():
+            print(line)
+        _print_summary(summary, cfg.out)
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from deepimage.data.decode import DEFAULT_MAX_PIXELS
     from deepimage.data.index import load_index
@@ -287,10 +329,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from deepimage.evaluate.evaluate import evaluate
+    from deepimage.evaluate.corrupt import format_table, parse_corruptions, parse_severities
+    from deepimage.evaluate.evaluate import evaluate, format_members
 
+    corruptions = parse_corruptions(args.corrupt) if args.corrupt else None
     metrics = evaluate(
-        args.source,
+        args.source[0] if len(args.source) == 1 else args.source,
         args.data,
         args.out,
         batch_size=args.batch_size,
@@ -300,24 +344,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         progress=args.progress,
         tta=args.tta,
         scales=args.scales,
+        corruptions=corruptions,
+        severities=parse_severities(args.severity),
+        corrupt_seed=args.corrupt_seed,
+        cache_dir=args.cache_dir,
     )
+    if "members" in metrics:
+        print(format_members(metrics))
     print(
         f"top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  "
         f"mean per-class {100 * metrics['mean_class_acc']:.2f}%  ({metrics['n_images']} images)"
     )
+    if "corruptions" in metrics:
+        print(format_table(metrics["corruptions"]))
     if args.out:
         print(f"report: {args.out}")
     return 0
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from deepimage.serve.predict import Predictor, format_prediction
+def _cmd_predict(args: argparse.Namespace) -> int:  # also serve and export
+    from deepimage.serve.cli import run
 
-    predictor = Predictor.load(args.source, device=args.device)
-    results = predictor.predict_files(args.images, topk=args.topk)
-    for result in results:
-        print(json.dumps(result) if args.json else format_prediction(result))
-    return 1 if any("error" in r for r in results) else 0
+    return run(args)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -349,8 +397,11 @@ COMMANDS = {
     "demo": _cmd_demo,
     "prepare": _cmd_prepare,
     "train": _cmd_train,
+    "finetune": _cmd_finetune,
     "evaluate": _cmd_evaluate,
     "predict": _cmd_predict,
+    "serve": _cmd_predict,
+    "export": _cmd_predict,
     "models": _cmd_models,
     "bench": _cmd_bench,
 }

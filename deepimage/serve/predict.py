@@ -1,54 +1,215 @@
-"""Top-k predictions with class ids, readable names and probabilities for image files."""
+"""Top-k predictions with class ids, readable names and probabilities for image files.
+
+A :class:`Predictor` holds one or more members (an ensemble) and applies exactly the
+preprocessing of ``evaluate``: :func:`~deepimage.data.decode.decode_image` at each member's
+``size`` with its ``resize_mode``, then the centre crop and normalisation of
+:func:`~deepimage.inference.logits_for`. Each member may want a different source size, so an
+image is decoded once per distinct (size, resize mode) "view"; the ensemble's posteriors are
+the mean of its members' softmax posteriors.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from deepimage.data.decode import DecodeError, decode_image
+from deepimage.data.decode import DEFAULT_MAX_PIXELS, DecodeError, ImageSource, decode_image
+from deepimage.data.transforms import center_crop, to_model_input
 from deepimage.inference import logits_for, resolve_device
-from deepimage.runs import load_model
+from deepimage.runs import CheckpointError
+
+View = tuple[int, str]  # (source size, resize mode)
+
+
+class Member(Protocol):
+    """One model of a predictor: its metadata and a forward pass to logits."""
+
+    meta: dict[str, Any]
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """float32 logits for ``(B, S, S, 3)`` uint8 images at ``meta['size']``."""
 
 
 @dataclass
-class Predictor:
-    """A loaded model with its preprocessing; turns images into top-k class posteriors."""
+class TorchMember:
+    """A PyTorch model run through :func:`~deepimage.inference.logits_for`."""
 
     model: torch.nn.Module
     meta: dict[str, Any]
     device: torch.device
+    precision: str | None = None
 
-    @classmethod
-    def load(cls, source: str | Path, device: str = "auto") -> Predictor:
-        dev = resolve_device(device)
-        model, meta = load_model(source, dev)
-        return cls(model, meta, dev)
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Softmax posteriors for ``(B, S, S, 3)`` uint8 images already resized to S."""
+    def logits(self, images: np.ndarray) -> np.ndarray:
         meta = self.meta
-        logits = logits_for(
+        out = logits_for(
             self.model,
-            torch.from_numpy(images),
+            torch.from_numpy(np.ascontiguousarray(images)),
             meta["crop"],
             meta["mean"],
             meta["std"],
             self.device,
-            meta.get("precision", "fp32"),
+            self.precision or meta.get("precision", "fp32"),
         )
-        return torch.softmax(logits, dim=1).cpu().numpy()
+        return out.cpu().numpy()
 
-    def load_image(self, source: str | Path | bytes) -> np.ndarray:
-        """Decode and resize exactly as the store does for training and evaluation."""
-        return decode_image(source, self.meta["size"], mode=self.meta["resize_mode"])
+
+@dataclass
+class OnnxMember:
+    """An exported ONNX model (see :mod:`deepimage.serve.export`) run by onnxruntime.
+
+    The graph takes the normalised centre crop; the crop and normalisation are done here by
+    the same functions the PyTorch path uses, so both backends see identical inputs.
+    """
+
+    session: Any
+    meta: dict[str, Any]
+    input_name: str = field(default="input")
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None) -> OnnxMember:
+        try:
+            import onnxruntime as ort
+        except ImportError as err:  # pragma: no cover - an install problem
+            raise CheckpointError(f"{path}: onnxruntime is not installed ({err})") from None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"{path}: cannot load ONNX model ({reason})") from None
+        props = session.get_modelmeta().custom_metadata_map
+        if "deepimage" not in props:
+            raise CheckpointError(f"{path}: no deepimage metadata (not exported by deepimage)")
+        meta = json.loads(props["deepimage"])
+        return cls(session, meta, session.get_inputs()[0].name)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        meta = self.meta
+        x = to_model_input(
+            center_crop(torch.from_numpy(np.ascontiguousarray(images)), meta["crop"]),
+            meta["mean"],
+            meta["std"],
+            channels_last=False,
+        )
+        return self.session.run(None, {self.input_name: x.numpy()})[0]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(np.asarray(logits, np.float32)), dim=1).numpy()
+
+
+@dataclass
+class Predictor:
+    """Loaded member models with their preprocessing; turns images into class posteriors."""
+
+    members: list[Member]
+    backend: str = "torch"
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    views: list[View] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ValueError("a predictor needs at least one model")
+        views: list[View] = []
+        for member in self.members:
+            view = (int(member.meta["size"]), str(member.meta.get("resize_mode", "stretch")))
+            if view not in views:
+                views.append(view)
+        self.views = views
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path | Sequence[str | Path],
+        device: str = "auto",
+        *,
+        backend: str = "auto",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        threads: int | None = None,
+    ) -> Predictor:
+        """Load a run folder, a weights file, an ensemble manifest (or folder holding one),
+        several of these, or (``backend`` ``onnx`` or a ``.onnx`` path) an exported model."""
+        sources = [source] if isinstance(source, str | Path) else list(source)
+        onnx = backend == "onnx" or (
+            backend == "auto" and all(str(s).endswith(".onnx") for s in sources)
+        )
+        if onnx:
+            for s in sources:
+                if not Path(s).is_file():
+                    raise CheckpointError(f"{s}: no such ONNX file")
+            members: list[Member] = [OnnxMember.load(s, threads) for s in sources]
+            _check_classes(members, sources)
+            return cls(members, "onnx", max_pixels)
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"unknown backend {backend!r}; known: auto, torch, onnx")
+        from deepimage.ensemble import load_members
+
+        for s in sources:
+            if not Path(s).exists():
+                raise CheckpointError(f"{s}: no such run folder, weights file or manifest")
+        dev = resolve_device(device)
+        loaded = load_members(sources, dev)
+        return cls([TorchMember(m, meta, dev) for m, meta in loaded], "torch", max_pixels)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The first member's metadata (classes and names are shared by all members)."""
+        return self.members[0].meta
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def name(self) -> str:
+        """The model's name, ``a + b`` for an ensemble."""
+        return " + ".join(str(m.meta.get("model", "?")) for m in self.members)
+
+    def load_image(self, source: ImageSource) -> tuple[np.ndarray, ...]:
+        """Decode and resize exactly as the store does for evaluation: one array per view.
+
+        Raises :class:`~deepimage.data.decode.DecodeError` with a one-line reason.
+        """
+        if not isinstance(source, bytes | bytearray | memoryview):
+            source = str(source)
+        return tuple(
+            decode_image(source, size, mode=mode, max_pixels=self.max_pixels)  # type: ignore[arg-type]
+            for size, mode in self.views
+        )
+
+    def stack(self, images: Sequence[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+        """Per-image view tuples (from :meth:`load_image`) to one batch array per view."""
+        return [np.stack([image[v] for image in images]) for v in range(len(self.views))]
+
+    def probabilities(self, batch: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Mean softmax posteriors over the members, ``(B, classes)``.
+
+        ``batch`` holds one ``(B, S, S, 3)`` uint8 array per view (a single array is fine
+        when there is one view).
+        """
+        if isinstance(batch, np.ndarray):
+            batch = [batch]
+        if len(batch) != len(self.views):
+            raise ValueError(f"expected {len(self.views)} views, got {len(batch)}")
+        total = None
+        for member in self.members:
+            view = (int(member.meta["size"]), str(member.meta.get("resize_mode", "stretch")))
+            probs = _softmax(member.logits(batch[self.views.index(view)]))
+            total = probs if total is None else total + probs
+        return total / len(self.members)
 
     def top(self, probs: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """The ``k`` most probable classes, most probable first."""
         names = self.meta.get("class_names") or {}
-        order = np.argsort(-probs, kind="stable")[: min(k, len(probs))]
+        order = np.argsort(-probs, kind="stable")[: max(0, min(k, len(probs)))]
         classes = self.meta["classes"]
         return [
             {
@@ -69,9 +230,16 @@ class Predictor:
             except (DecodeError, OSError) as err:
                 results.append({"path": str(path), "error": str(err)})
                 continue
-            probs = self.probabilities(image[None])[0]
+            probs = self.probabilities(self.stack([image]))[0]
             results.append({"path": str(path), "top": self.top(probs, topk)})
         return results
+
+
+def _check_classes(members: Sequence[Member], sources: Sequence[str | Path]) -> None:
+    first = list(members[0].meta["classes"])
+    for member, source in zip(members[1:], sources[1:]):
+        if list(member.meta["classes"]) != first:
+            raise CheckpointError(f"{source}: classes differ from those of {sources[0]}")
 
 
 def format_prediction(result: dict[str, Any]) -> str:

@@ -1,0 +1,107 @@
+"""Export to ONNX and TorchScript: dynamic batch, metadata, parity, and the ONNX backend."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from deepimage.cli import main
+from deepimage.runs import load_model
+from deepimage.serve import export as export_mod
+from deepimage.serve.app import create_app
+from deepimage.serve.export import ParityError, export, model_input, read_torchscript_meta
+from deepimage.serve.predict import Predictor
+
+from .conftest import IMAGENET_SAMPLE, jpeg_bytes
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    """Real photos when the shared sample is present, else generated ones."""
+    if IMAGENET_SAMPLE.is_dir():
+        return [str(IMAGENET_SAMPLE)]
+    folder = tmp_path_factory.mktemp("samples")
+    for i in range(6):
+        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+    return [str(folder)]
+
+
+@pytest.fixture(scope="module")
+def onnx_file(run_dir, samples, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    report = export(run_dir, "onnx", out, samples=samples)
+    assert report["max_abs_diff"] < 1e-4
+    return out
+
+
+def test_onnx_has_dynamic_batch_and_preprocessing_metadata(onnx_file, run_dir):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["deepimage"])
+    _, run_meta = load_model(run_dir)
+    for key in ("size", "crop", "mean", "std", "resize_mode", "classes", "class_names"):
+        assert meta[key] == run_meta[key]
+    assert "centre crop" in meta["preprocessing"]
+    model, _ = load_model(run_dir)
+    for batch in (1, 5):
+        images = np.random.default_rng(batch).integers(0, 256, (batch, 40, 40, 3), np.uint8)
+        x = model_input(images, meta)
+        got = session.run(None, {"input": x.numpy()})[0]
+        with torch.inference_mode():
+            assert np.abs(got - model(x).numpy()).max() < 1e-4
+
+
+def test_cli_export_prints_parity(run_dir, samples, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(out),
+                 "--samples", *samples]) == 0  # fmt: skip
+    line = capsys.readouterr().out.strip()
+    print(line)
+    assert "parity max |logit diff|" in line and out.is_file()
+    diff = float(line.split("parity max |logit diff| ")[1].split()[0])
+    assert diff < 1e-4
+
+
+def test_torchscript_export(run_dir, samples, tmp_path):
+    out = tmp_path / "m.pt"
+    report = export(run_dir, "torchscript", out, samples=samples)
+    assert report["max_abs_diff"] < 1e-4
+    assert read_torchscript_meta(out)["crop"] == 32
+
+
+def test_parity_failure_is_an_error_and_leaves_no_file(run_dir, tmp_path, monkeypatch, capsys):
+    real = export_mod._run_onnx
+    monkeypatch.setattr(export_mod, "_run_onnx", lambda path, x: real(path, x) + 1e-3)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(ParityError, match="parity"):
+        export(run_dir, "onnx", out)
+    assert not out.exists() and not list(tmp_path.glob(".bad.onnx*"))
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2
+    assert "parity check failed" in capsys.readouterr().err
+
+
+def test_onnx_backend_serves_the_same_answers(onnx_file, run_dir):
+    torch_predictor = Predictor.load(run_dir, device="cpu")
+    onnx_predictor = Predictor.load(onnx_file)
+    assert onnx_predictor.backend == "onnx"
+    data = jpeg_bytes(9)
+    with TestClient(create_app(onnx_predictor)) as client:
+        answer = client.post("/predict", content=data).json()
+        assert client.get("/health").json()["backend"] == "onnx"
+    expected = torch_predictor.top(
+        torch_predictor.probabilities(torch_predictor.stack([torch_predictor.load_image(data)]))[0],
+        5,
+    )
+    assert [p["class_id"] for p in answer["top"]] == [p["class_id"] for p in expected]
+    for got, exp in zip(answer["top"], expected):
+        assert got["probability"] == pytest.approx(exp["probability"], abs=1e-4)
+
+
+def test_an_ensemble_is_refused_with_a_clear_error(ensemble_dir, tmp_path):
+    with pytest.raises(ValueError, match="ensemble"):
+        export(ensemble_dir, "onnx", tmp_path / "e.onnx")
