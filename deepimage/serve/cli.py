@@ -47,8 +47,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="images or folders for the parity check (default: run's data)")  # fmt: skip
 
 
-def _default_samples(source: str) -> list[str] | None:
-    """The run's validation or training data, when it is a folder that still exists."""
+def _default_samples(source: str, count: int = 8) -> list[str] | None:
+    """Up to ``count`` photos spread over the run's validation or training data, if it still
+    exists (a folder, a CSV manifest or a prepared store)."""
+    from deepimage.data.index import DataError, load_index
+    from deepimage.data.store import Store
+
     config = Path(source) / "config.yaml"
     if not config.is_file():
         return None
@@ -58,8 +62,18 @@ def _default_samples(source: str) -> list[str] | None:
         return None
     for key in ("val", "data"):
         value = cfg.get(key)
-        if isinstance(value, str) and Path(value).is_dir():
-            return [value]
+        if not isinstance(value, str) or not Path(value).exists():
+            continue
+        try:
+            if (Path(value) / "manifest.json").is_file():
+                paths = list(Store.open(value).paths)
+            else:
+                paths = [sample.path for sample in load_index(value).samples]
+        except (DataError, OSError, ValueError):
+            continue
+        spread = [p for p in paths[:: max(1, len(paths) // count)] if Path(p).is_file()]
+        if spread:
+            return spread[:count]
     return None
 
 

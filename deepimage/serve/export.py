@@ -85,7 +85,8 @@ def sample_images(
         if len(images) == count:
             break
     if images:
-        return np.stack(images), f"{len(images)} images from {', '.join(map(str, samples))}"
+        where = str(samples[0]) if len(samples) == 1 else f"{len(samples)} given paths"
+        return np.stack(images), f"{len(images)} sample images ({where})"
     if samples:
         raise ValueError(f"{', '.join(map(str, samples))}: no decodable sample images")
     gen = np.random.default_rng(seed)
@@ -208,7 +209,7 @@ def export(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    logger.info("exported %s to %s (max abs logit diff %.3g)", meta["model"], out, diff)
+    logger.debug("exported %s to %s (max abs logit diff %.3g)", meta["model"], out, diff)
     return {
         "path": str(out),
         "format": fmt,

@@ -105,3 +105,27 @@ def test_onnx_backend_serves_the_same_answers(onnx_file, run_dir):
 def test_an_ensemble_is_refused_with_a_clear_error(ensemble_dir, tmp_path):
     with pytest.raises(ValueError, match="ensemble"):
         export(ensemble_dir, "onnx", tmp_path / "e.onnx")
+
+
+def test_parity_defaults_to_photos_of_the_runs_own_data(tmp_path):
+    """Without --samples, the check runs on photos spread over the run's data (here a CSV)."""
+    from deepimage.serve.cli import _default_samples
+
+    from .conftest import make_run
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rows = ["path,label"]
+    for i in range(12):
+        (photos / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+        rows.append(f"{photos / f'{i}.jpg'},{'ab'[i % 2]}")
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    run = make_run(tmp_path / "run")
+    assert _default_samples(str(run)) is None  # no config.yaml: random images stand in
+    (run / "config.yaml").write_text(f"data: {manifest}\nval: null\n")
+    chosen = _default_samples(str(run), count=4)
+    assert len(chosen) == 4 and len(set(chosen)) == 4
+    assert all(p.startswith(str(photos)) for p in chosen)
+    report = export(run, "onnx", tmp_path / "m.onnx", samples=chosen)
+    assert report["samples"].startswith("4 sample images") and report["max_abs_diff"] < 1e-4
