@@ -47,7 +47,16 @@ def spread(values: list[float]) -> str:
     )
 
 
+def cpu_line() -> str:
+    """CPU model and the flags that decide which precision is fast (avx2, avx512f,
+    avx512_bf16, amx), and whether bf16 is native here."""
+    from deepimage.precision import machine_summary
+
+    return machine_summary()
+
+
 def header(title: str) -> None:
     print(f"# {title}")
     print(f"machine : {machine()}")
+    print(f"cpu     : {cpu_line()}")
     print(f"versions: {versions()}")

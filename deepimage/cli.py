@@ -17,6 +17,7 @@ from typing import Any
 
 from deepimage import __version__
 from deepimage.config import ConfigError, TrainConfig
+from deepimage.precision import PRECISIONS
 
 logger = logging.getLogger("deepimage.cli")
 
@@ -53,7 +54,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=S)
     p.add_argument("--warmup-epochs", type=float, default=S)
     p.add_argument("--label-smoothing", type=float, default=S)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=S)
+    p.add_argument("--precision", choices=["auto", *PRECISIONS], default=S,
+                   help="auto (default): bf16 only where the hardware runs it fast")  # fmt: skip
+    p.add_argument("--channels-last", dest="channels_last", action="store_true", default=S,
+                   help="NHWC layout (default auto: with bf16/fp16 and on CUDA)")  # fmt: skip
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=S)
     p.add_argument("--device", default=S)
     p.add_argument("--seed", type=int, default=S)
@@ -115,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None)
+    p.add_argument("--precision", choices=["auto", *PRECISIONS], default=None,
+                   help="default auto: the fastest correct precision for the device")  # fmt: skip
     p.add_argument(
         "--tta", nargs="+", choices=["center", "dense", "flip"], default=["center"],
         help="test-time views, combined: centre crop, dense (fully convolutional), flips",

@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-Precision = Literal["bf16", "fp32"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Schedule = Literal["plateau", "step", "exp", "constant"]
 LrScaling = Literal["none", "linear"]
 OptimizerName = Literal["sgd", "adamw"]
@@ -78,8 +78,8 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs (fractions allowed)
     label_smoothing: float = 0.0
     # execution
-    precision: Precision = "bf16"  # bf16 autocast, or plain fp32
-    channels_last: bool = True
+    precision: Precision = "auto"  # auto: by the hardware (deepimage.precision); bf16, fp16, fp32
+    channels_last: bool | Literal["auto"] = "auto"  # NHWC memory layout; auto follows precision
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     seed: int = 0
     # distributed (torchrun): the global batch_size is split evenly across processes
@@ -141,6 +141,11 @@ class TrainConfig:
             raise ConfigError(
                 f"config key 'optimizer': {self.sync} sync applies SGD itself; "
                 "use optimizer sgd or sync ddp"
+            )
+        if self.precision == "fp16" and (self.sync != "ddp" or self.parallel != "data"):
+            raise ConfigError(
+                "config key 'precision': fp16 needs a gradient scaler, which only sync ddp "
+                "with parallel data applies; use bf16 or fp32"
             )
         if self.trainable not in ("all", "head") and not (
             self.trainable.startswith("last:") and self.trainable[5:].isdigit()
@@ -269,7 +274,9 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
+def save_config(cfg: TrainConfig, path: str | Path, comment: str | None = None) -> None:
+    """Write the resolved configuration as YAML, after an optional ``# comment`` line."""
     from deepimage.runs import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    head = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
+    atomic_write_text(path, head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -7,8 +7,9 @@ it everywhere is what makes a number printed by ``evaluate`` and a prediction fr
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,10 @@ from tqdm.auto import tqdm
 
 from deepimage.data.transforms import center_crop, to_model_input
 from deepimage.metrics import ClassificationMeter
+from deepimage.precision import ExecutionChoice, autocast
+from deepimage.precision import resolve as resolve_execution
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -25,11 +30,37 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU or CUDA, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+def inference_execution(
+    model: torch.nn.Module,
+    meta: dict,
+    device: torch.device,
+    precision: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> ExecutionChoice:
+    """The fastest correct precision and layout for running ``model`` on ``device``.
+
+    ``precision`` None or ``auto`` decides by the hardware (a forward-pass probe where the
+    CPU has native bf16), whatever precision the model was trained in: a model trained
+    with bf16 on one machine is served in fp32 on a CPU that would only emulate bf16. The
+    model is put into the chosen memory layout.
+    """
+    from deepimage.data.store import default_cache_dir
+
+    width = (meta.get("model_kwargs") or {}).get("width", 1.0)
+    choice = resolve_execution(
+        precision or "auto",
+        "auto",
+        device,
+        model,
+        f"{meta.get('model', '?')}@{width:g}",
+        int(meta["crop"]),
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+        train=False,
+    )
+    if choice.channels_last:
+        model.to(memory_format=torch.channels_last)
+    logger.info("%s", choice.describe())
+    return choice
 
 
 def _forward(net: torch.nn.Module, x: torch.Tensor, device: torch.device, precision: str):
@@ -45,8 +76,8 @@ def logits_for(
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
-    precision: str = "bf16",
-    channels_last: bool = True,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """float32 logits for ``(B, S, S, 3)`` uint8 images, centre-cropped to ``crop``."""
     x = to_model_input(center_crop(images, crop), mean, std, device, channels_last)
@@ -64,8 +95,8 @@ def posteriors_for(
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
-    precision: str = "bf16",
-    channels_last: bool = True,
+    precision: str = "fp32",
+    channels_last: bool = False,
     tta: Sequence[str] = ("center",),
     dense: torch.nn.Module | None = None,
 ) -> torch.Tensor:
@@ -105,8 +136,8 @@ def evaluate_batches(
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
-    precision: str = "bf16",
-    channels_last: bool = True,
+    precision: str = "fp32",
+    channels_last: bool = False,
     total: int | None = None,
     progress: bool = False,
     desc: str = "eval",

@@ -7,7 +7,7 @@ def test_defaults_follow_the_paper_recipe():
     cfg = TrainConfig()
     assert (cfg.lr, cfg.momentum, cfg.weight_decay) == (0.01, 0.9, 5e-4)
     assert cfg.schedule == "plateau" and cfg.gamma == 0.1
-    assert cfg.precision == "bf16" and cfg.channels_last
+    assert cfg.precision == "auto" and cfg.channels_last == "auto"
 
 
 def test_yaml_then_flags(tmp_path):
@@ -27,7 +27,7 @@ def test_int_is_accepted_for_float():
         ("lrr: 0.1\n", "lrr"),
         ("lr: fast\n", "lr"),
         ("epochs: 2.5\n", "epochs"),
-        ("precision: fp16\n", "precision"),
+        ("precision: fp8\n", "precision"),
         ("channels_last: 1\n", "channels_last"),
         ("milestones: 3\n", "milestones"),
         ("crop: 300\n", "crop"),

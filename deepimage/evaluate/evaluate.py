@@ -18,7 +18,7 @@ from deepimage.data.store import store_for
 from deepimage.ensemble import expand_sources, load_members
 from deepimage.evaluate.corrupt import SEVERITIES, summarise
 from deepimage.evaluate.corrupt import corrupt as corrupt_images
-from deepimage.inference import evaluate_batches, resolve_device
+from deepimage.inference import evaluate_batches, inference_execution, resolve_device
 from deepimage.metrics import ClassificationMeter
 from deepimage.runs import atomic_write_json, load_model
 
@@ -109,7 +109,11 @@ class Evaluation:
         self.labels = self.label_map[np.asarray(self.store.labels)]
         self.num_classes = len(self.meta["classes"])
         self.batches = eval_batches(np.arange(len(self.store)), batch_size)
-        self.workers, self.precision, self.progress = workers, precision, progress
+        self.workers, self.progress = workers, progress
+        self.executions = [
+            inference_execution(model, meta, self.device, precision, cache_dir)
+            for model, meta in self.members
+        ]
         self.tta = tuple(tta)
 
     def member_posteriors(self, index: int, transform: ImageTransform | None = None) -> np.ndarray:
@@ -126,7 +130,8 @@ class Evaluation:
                 meta["mean"],
                 meta["std"],
                 self.device,
-                self.precision or meta.get("precision", "fp32"),
+                self.executions[index].precision,
+                self.executions[index].channels_last,
                 total=len(self.batches),
                 progress=self.progress,
                 desc=f"member {index + 1} at {scale}"

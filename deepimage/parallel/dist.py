@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -198,6 +199,16 @@ def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0, op: str = "broadca
     with guard(op):
         for t in tensors:
             dist.broadcast(t.data, src)
+
+
+def broadcast_object(obj: Any, src: int = 0, op: str = "broadcast(object)") -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (small values such as a decision)."""
+    if world_size() <= 1:
+        return obj
+    box = [obj]
+    with guard(op):
+        dist.broadcast_object_list(box, src)
+    return box[0]
 
 
 def comm_device() -> torch.device:

@@ -17,6 +17,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
+                   help="default auto: the fastest correct precision for the device")  # fmt: skip
     p.add_argument("--folder", default=None, help="score every file under this folder")
     p.add_argument("--out", default=None, help="with --folder: preds.csv or preds.jsonl")
     p.add_argument("--resume", action="store_true", help="with --folder: skip scored files")
@@ -30,6 +32,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
+                   help="default auto: the fastest correct precision for the device")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=16, help="images per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="longest wait for a batch to fill (ms)")  # fmt: skip
@@ -86,7 +90,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ValueError("predict: --folder needs --out preds.csv or preds.jsonl")
     if args.topk < 1:
         raise ValueError(f"--topk must be positive, got {args.topk}")
-    predictor = Predictor.load(args.source, device=args.device)
+    predictor = Predictor.load(args.source, device=args.device, precision=args.precision)
     status = 0
     if args.images:
         results = predictor.predict_files(args.images, topk=args.topk)
@@ -140,6 +144,7 @@ def run_serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         max_pixels=args.max_pixels,
         threads=args.threads,
+        precision=args.precision,
     )
     app = create_app(
         predictor,

@@ -21,7 +21,7 @@ import torch
 
 from deepimage.data.decode import DEFAULT_MAX_PIXELS, DecodeError, ImageSource, decode_image
 from deepimage.data.transforms import center_crop, to_model_input
-from deepimage.inference import logits_for, resolve_device
+from deepimage.inference import inference_execution, logits_for, resolve_device
 from deepimage.runs import CheckpointError
 
 View = tuple[int, str]  # (source size, resize mode)
@@ -43,7 +43,8 @@ class TorchMember:
     model: torch.nn.Module
     meta: dict[str, Any]
     device: torch.device
-    precision: str | None = None
+    precision: str = "fp32"
+    channels_last: bool = False
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         meta = self.meta
@@ -54,7 +55,8 @@ class TorchMember:
             meta["mean"],
             meta["std"],
             self.device,
-            self.precision or meta.get("precision", "fp32"),
+            self.precision,
+            self.channels_last,
         )
         return out.cpu().numpy()
 
@@ -134,9 +136,13 @@ class Predictor:
         backend: str = "auto",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         threads: int | None = None,
+        precision: str | None = None,
     ) -> Predictor:
         """Load a run folder, a weights file, an ensemble manifest (or folder holding one),
-        several of these, or (``backend`` ``onnx`` or a ``.onnx`` path) an exported model."""
+        several of these, or (``backend`` ``onnx`` or a ``.onnx`` path) an exported model.
+
+        PyTorch members run in ``precision`` (None: the fastest correct one for the device,
+        see :func:`~deepimage.inference.inference_execution`)."""
         sources = [source] if isinstance(source, str | Path) else list(source)
         onnx = backend == "onnx" or (
             backend == "auto" and all(str(s).endswith(".onnx") for s in sources)
@@ -157,7 +163,11 @@ class Predictor:
                 raise CheckpointError(f"{s}: no such run folder, weights file or manifest")
         dev = resolve_device(device)
         loaded = load_members(sources, dev)
-        return cls([TorchMember(m, meta, dev) for m, meta in loaded], "torch", max_pixels)
+        members = []
+        for model, meta in loaded:
+            choice = inference_execution(model, meta, dev, precision)
+            members.append(TorchMember(model, meta, dev, choice.precision, choice.channels_last))
+        return cls(members, "torch", max_pixels)
 
     @property
     def meta(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ so a run resumes on any number of processes; torchrun restarts resume automatica
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -37,7 +38,7 @@ from deepimage.data.loader import (
     stratified_split,
     train_batches,
 )
-from deepimage.data.store import Store, store_for
+from deepimage.data.store import Store, default_cache_dir, store_for
 from deepimage.inference import evaluate_batches, resolve_device
 from deepimage.metrics import ClassificationMeter
 from deepimage.models import get_model
@@ -45,9 +46,12 @@ from deepimage.parallel import dist as pdist
 from deepimage.parallel.hybrid import build_hybrid, shard_classifier
 from deepimage.parallel.strategy import broadcast_model, build_strategy
 from deepimage.parallel.sync_bn import convert_sync_batchnorm
+from deepimage.precision import ExecutionChoice, needs_grad_scaler
+from deepimage.precision import resolve as resolve_execution
 from deepimage.runs import (
     CHECKPOINT,
     WEIGHTS,
+    CheckpointError,
     atomic_write_json,
     atomic_write_text,
     load_latest_state,
@@ -192,6 +196,11 @@ class Trainer:
             from deepimage.train.finetune import prepare_model
 
             self.finetune_report = prepare_model(self.model, cfg, self.classes)
+        self.model.to(self.device)
+        self.execution = self._choose_execution()
+        cfg = self.cfg = dataclasses.replace(
+            cfg, precision=self.execution.precision, channels_last=self.execution.channels_last
+        )
         self.meta = model_meta(
             cfg, self.model, self.classes, dict(self.data.train_store.class_names)
         )
@@ -201,11 +210,14 @@ class Trainer:
             else:  # torch's SyncBatchNorm refuses CPU tensors
                 self.model = convert_sync_batchnorm(self.model)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.model.to(self.device, memory_format=self.memory_format)
+        self.model.to(memory_format=self.memory_format)
         broadcast_model(self.model)
         if cfg.parallel == "hybrid":  # this rank keeps 1/N of every FC layer (paper 3.2)
             shard_classifier(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.scaler = None  # fp16: loss scaling, checkpointed with the rest
+        if needs_grad_scaler(cfg.precision):
+            self.scaler = torch.amp.GradScaler(self.device.type)
         self.device_cache = self._device_cache()
         build = build_hybrid if cfg.parallel == "hybrid" else build_strategy
         self.sync = build(cfg.sync, self.model, self.optimizer, bucket_mb=cfg.bucket_mb)
@@ -235,6 +247,26 @@ class Trainer:
         self.epoch_images = 0
         self.history: list[dict[str, Any]] = []
         self.writer = None
+
+    def _choose_execution(self) -> ExecutionChoice:
+        """Resolve ``auto`` precision and layout; rank 0 decides (it may probe) for all."""
+        cfg = self.cfg
+        choice = None
+        if self.rank == 0:
+            choice = resolve_execution(
+                cfg.precision,
+                cfg.channels_last,
+                self.device,
+                self.model,
+                f"{cfg.model}@{cfg.width:g}",
+                cfg.crop,
+                Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
+                fp16_ok=cfg.sync == "ddp" and cfg.parallel == "data",
+            )
+        choice = pdist.broadcast_object(choice, op="broadcast(precision choice)")
+        if self.rank == 0:
+            logger.info("%s", choice.describe())
+        return choice
 
     def _device_cache(self) -> DeviceCache | None:
         """The training images in device memory when they fit ``device_cache_mb``."""
@@ -285,6 +317,7 @@ class Trainer:
             "epoch_images": epoch_images,
             "rng": rng,
             "config": json.dumps(config_to_dict(self.cfg)),
+            **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -298,6 +331,12 @@ class Trainer:
         self.loss_sum = float(state["loss_sum"])
         self.epoch_images = int(state["epoch_images"])
         self._keep_stats_on_root()  # the saved statistics are global: count them once
+        if self.scaler is not None:
+            if "grad_scaler" not in state:
+                raise CheckpointError(
+                    f"{self.run / CHECKPOINT}: no gradient-scaler state for fp16 training"
+                )
+            self.scaler.load_state_dict(state["grad_scaler"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
@@ -332,7 +371,7 @@ class Trainer:
             )
         if self.rank == 0:
             self.run.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run / "config.yaml")
+            save_config(self.cfg, self.run / "config.yaml", comment=self.execution.describe())
         state = load_latest_state(self.run) if resume else None
         if state is not None:
             self.load(state)
@@ -397,8 +436,13 @@ class Trainer:
             label_smoothing=cfg.label_smoothing,
             micro_step=self.sync.micro_step,
             dropout_key=(rows, cfg.seed, self.global_step),
+            scaler=self.scaler,
         )
-        self.sync.step()
+        if self.scaler is not None:  # fp16 (sync ddp only): unscale, skip on inf, adapt
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.sync.step()
         self.sync.zero_grad()
         self.meter.update(logits.cpu(), labels.cpu())
         self.loss_sum += loss_total
@@ -575,6 +619,7 @@ class Trainer:
             "val_top5": last.get("val_top5"),
             "train_top1": last.get("train_top1"),
             "train_top5": last.get("train_top5"),
+            "execution": self.execution.to_dict(),
         }
         if self.rank == 0:
             atomic_write_json(self.run / "summary.json", summary)

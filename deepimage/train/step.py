@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from deepimage.inference import autocast
 from deepimage.models.common import dropout_keys
+from deepimage.precision import autocast
 
 
 def forward_backward(
@@ -22,16 +22,18 @@ def forward_backward(
     labels: torch.Tensor,
     *,
     accum_steps: int = 1,
-    precision: str = "bf16",
+    precision: str = "fp32",
     label_smoothing: float = 0.0,
     micro_step: Callable[[bool], contextlib.AbstractContextManager] | None = None,
     dropout_key: tuple[torch.Tensor, int, int] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, torch.Tensor]:
     """Accumulate gradients of the mean loss over ``x`` in ``accum_steps`` micro-batches.
 
     ``micro_step(last)`` wraps each micro-batch (a gradient-sync strategy synchronises only
     on the last one); ``dropout_key = (rows, seed, step)`` keys dropout masks by image (see
-    :func:`~deepimage.models.common.dropout_keys`). Returns the summed loss (for logging) and
+    :func:`~deepimage.models.common.dropout_keys`). ``scaler`` scales the loss (fp16; the
+    caller steps through it). Returns the summed loss (for logging) and
     the detached float32 logits.
     """
     micro = len(x) // accum_steps
@@ -49,7 +51,8 @@ def forward_backward(
             with autocast(x.device, precision):
                 logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
-            (loss / accum_steps).backward()
+            scaled = loss / accum_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_total += loss.item() * len(xb)
         logits_all.append(logits.detach().float())
     return loss_total, torch.cat(logits_all)

@@ -86,7 +86,7 @@ def test_parity_failure_is_an_error_and_leaves_no_file(run_dir, tmp_path, monkey
 
 
 def test_onnx_backend_serves_the_same_answers(onnx_file, run_dir):
-    torch_predictor = Predictor.load(run_dir, device="cpu")
+    torch_predictor = Predictor.load(run_dir, device="cpu", precision="fp32")
     onnx_predictor = Predictor.load(onnx_file)
     assert onnx_predictor.backend == "onnx"
     data = jpeg_bytes(9)

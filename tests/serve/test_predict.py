@@ -27,7 +27,7 @@ def _reference(run, data: bytes) -> np.ndarray:
 
 
 def test_one_member_uses_evaluates_preprocessing(run_dir):
-    predictor = Predictor.load(run_dir, device="cpu")
+    predictor = Predictor.load(run_dir, device="cpu", precision="fp32")
     data = jpeg_bytes(7)
     probs = predictor.probabilities(predictor.stack([predictor.load_image(data)]))[0]
     np.testing.assert_allclose(probs, _reference(run_dir, data), atol=1e-6)
@@ -37,7 +37,7 @@ def test_one_member_uses_evaluates_preprocessing(run_dir):
 
 
 def test_ensemble_averages_members_each_at_its_own_size(ensemble_dir):
-    predictor = Predictor.load(ensemble_dir, device="cpu")
+    predictor = Predictor.load(ensemble_dir, device="cpu", precision="fp32")
     assert len(predictor.members) == 2 and predictor.views == [(40, "stretch"), (48, "stretch")]
     data = jpeg_bytes(3)
     views = predictor.load_image(data)
