@@ -1,8 +1,9 @@
 """``deepimage demo``: the main job end to end on a built-in synthetic data set.
 
 Generates a deterministic set of shapes and textures (some small in the frame), trains a
-ResNet-18 on it, evaluates it with the full report, and prints the top-5 predictions for one
-validation image: everything a user does with their own photos, in a few minutes on a CPU.
+half-width ResNet-18 on it, evaluates it with the full report, and prints the top-5
+predictions for one validation image: everything a user does with their own photos, in a
+few minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from deepimage.config import TrainConfig, update_config
 
 logger = logging.getLogger(__name__)
 
-# A few-minute budget on two CPU cores. From scratch, the paper's SGD recipe needs many
+# A few-minute budget on two CPU cores, in fp32 too: a CPU without native bf16 trains in
+# fp32 (precision auto), and the budget must hold there. A half-width ResNet-18 (a quarter of
+# the FLOPs) with label smoothing and a final tenth-rate phase beats the full-width net's
+# accuracy on this task within 12 epochs. From scratch, the paper's SGD recipe needs many
 # epochs to leave chance level on this shape task, so the demo uses AdamW and the light
 # crop-and-flip augmentation; everything else is the training path users run.
 DEMO_CONFIG = {
     "model": "resnet18",
+    "width": 0.5,
     "size": 64,
     "crop": 56,
     "epochs": 12,
@@ -27,9 +32,10 @@ DEMO_CONFIG = {
     "optimizer": "adamw",
     "lr": 0.002,
     "weight_decay": 0.05,
-    "schedule": "plateau",
-    "patience": 1,
+    "schedule": "step",  # a tenth of the rate for the last three epochs
+    "milestones": [9],
     "warmup_epochs": 0.5,
+    "label_smoothing": 0.1,
     "augment": "crop_flip",
     "workers": 1,
     "checkpoint_every": 50,

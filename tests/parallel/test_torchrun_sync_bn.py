@@ -26,8 +26,8 @@ def train_args(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
         "-m", "deepimage", "-q", "train", "--data", str(data), "--out", str(out),
         "--cache-dir", str(cache), "--model", "resnet18", "--size", "72", "--crop", "64",
         "--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--workers", "0",
-        "--lr", "0.01", "--precision", "fp32", "--augment", "crop_flip", "--no-progress",
-        "--no-tensorboard", *extra,
+        "--lr", "0.01", "--precision", "fp32", "--channels-last", "--augment", "crop_flip",
+        "--no-progress", "--no-tensorboard", *extra,
     ]  # fmt: skip
 
 
