@@ -22,7 +22,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import platform
 import statistics
 import time
@@ -293,11 +292,11 @@ class ProbeCache:
     def put(self, key: str, times: dict[str, float]) -> None:
         data = self._read()
         data[key] = times
+        from deepimage.runs import atomic_write_text
+
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
         except OSError as err:  # a read-only cache only costs a probe next time
             logger.debug("could not cache the precision probe in %s: %s", self.path, err)
 
