@@ -19,8 +19,6 @@ from deepimage import __version__
 from deepimage.config import ConfigError, TrainConfig
 from deepimage.precision import PRECISIONS
 
-logger = logging.getLogger("deepimage.cli")
-
 S = argparse.SUPPRESS
 
 
@@ -234,21 +232,12 @@ def add_bench_parsers(bench: argparse._SubParsersAction) -> None:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < saved run config (on --resume) < --config file < flags."""
-    from deepimage.config import load_yaml, resolve_config, update_config
+    from deepimage.config import resolve_config
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
     flags.pop("quiet", None)
-    out = flags.get("out")
-    saved = Path(out) / "config.yaml" if out else None
-    if args.resume and saved is not None and saved.exists():
-        cfg = update_config(TrainConfig(), load_yaml(saved), source=str(saved))
-        if args.config:
-            cfg = update_config(cfg, load_yaml(args.config), source=args.config)
-        changed = {k: v for k, v in flags.items() if getattr(cfg, k) != v}
-        if changed:
-            logger.warning("resuming with changed keys: %s", ", ".join(sorted(changed)))
-        return update_config(cfg, flags).validate()
-    return resolve_config(args.config, flags)
+    resumed = flags.get("out") if args.resume else None
+    return resolve_config(args.config, flags, resumed=resumed)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -292,18 +281,19 @@ def _print_summary(summary: dict[str, Any], run: str | None) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from deepimage.train.finetune import finetune, finetune_config
+    from deepimage.train.finetune import finetune_config
+    from deepimage.train.loop import train
 
     if getattr(args, "sizes", None):
         raise ValueError("finetune: --sizes is for train; fine-tune one member at a time")
     skip = ("command", "config", "resume", "quiet", "sizes")
     flags = {k: v for k, v in vars(args).items() if k not in skip}
     cfg = finetune_config(flags, args.config, resume=args.resume)
-    summary = finetune(cfg, resume=args.resume)
+    summary = train(cfg, resume=args.resume)
     if summary.get("stopped"):
         return 130
     if os.environ.get("RANK", "0") == "0":
-        from deepimage.train.finetune import FinetuneReport
+        from deepimage.models.transfer import FinetuneReport
 
         for line in FinetuneReport(**summary["finetune"]).lines():
             print(line)

@@ -7,6 +7,7 @@ Layout of ``RUN/``::
     model.json           the same metadata, readable
     checkpoint.safetensors (+ .prev)   full training state for --resume
     metrics.jsonl        one line per epoch
+    finetune.json        fine-tuning runs: the layers replaced, trainable and frozen
     summary.json         classes, image counts, skipped files, final accuracy
     curves.png, tb/      plots and TensorBoard logs
 
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
+FINETUNE_REPORT = "finetune.json"
 META_KEY = "deepimage"
 
 
