@@ -19,6 +19,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from deepimage.files import atomic_write_text
+
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Schedule = Literal["plateau", "step", "exp", "constant"]
 LrScaling = Literal["none", "linear"]
@@ -300,7 +302,5 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: str | Path, comment: str | None = None) -> None:
     """Write the resolved configuration as YAML, after an optional ``# comment`` line."""
-    from deepimage.runs import atomic_write_text
-
     head = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
     atomic_write_text(path, head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -43,6 +43,7 @@ from deepimage.data.decode import (
     resize_pil,
 )
 from deepimage.data.index import DataError, DatasetIndex, Sample, load_index
+from deepimage.files import atomic_write_json, fsync_dir, fsync_file
 
 logger = logging.getLogger(__name__)
 
@@ -238,29 +239,6 @@ def _run_decoding(
 # --------------------------------------------------------------------------- file helpers
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported everywhere (e.g. Windows)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def _build_lock(out: Path) -> Iterator[None]:
     """Exclusive lock so concurrent processes (e.g. one per GPU) prepare a store only once."""
@@ -293,7 +271,7 @@ def _compact(build_dir: Path, sizes: list[int], n_rows: int, good: list[int]) ->
             mm.flush()
             del mm
             os.truncate(path, len(good) * s * s * 3)
-        _fsync_file(path)
+        fsync_file(path)
 
 
 # --------------------------------------------------------------------------- store
@@ -433,7 +411,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(src, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def prepare_store(
@@ -542,8 +520,8 @@ def _build(
         np.save(f, labels)
         f.flush()
         os.fsync(f.fileno())
-    _write_json(build / PATHS, [index.samples[i].path for i in good])
-    _write_json(build / SKIPPED, skipped)
+    atomic_write_json(build / PATHS, [index.samples[i].path for i in good], indent=1)
+    atomic_write_json(build / SKIPPED, skipped, indent=1)
     stats = pixel_stats(pixel_sum, outer_sum, len(good) * sizes[0] * sizes[0])
     stats.update({"size": sizes[0], "n_images": len(good)})
     manifest = {
@@ -563,8 +541,8 @@ def _build(
         "stats": stats,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(build / MANIFEST, manifest)  # last: its presence marks a complete store
-    _fsync_dir(build)
+    atomic_write_json(build / MANIFEST, manifest, indent=1)  # last: marks a complete store
+    fsync_dir(build)
     elapsed = time.perf_counter() - start
     logger.info(
         "prepared %d images (%d skipped) at sizes %s in %.1f s (%.0f images/s)",

@@ -39,6 +39,7 @@ from deepimage.data.loader import (
     train_batches,
 )
 from deepimage.data.store import Store, default_cache_dir, store_for
+from deepimage.files import atomic_write_json, atomic_write_text
 from deepimage.inference import evaluate_batches, resolve_device
 from deepimage.metrics import ClassificationMeter
 from deepimage.models import get_model
@@ -60,8 +61,6 @@ from deepimage.runs import (
     FINETUNE_REPORT,
     WEIGHTS,
     CheckpointError,
-    atomic_write_json,
-    atomic_write_text,
     load_latest_state,
     read_weights,
     save_state,
