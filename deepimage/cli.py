@@ -304,7 +304,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from deepimage.data.decode import DEFAULT_MAX_PIXELS
     from deepimage.data.index import load_index
-    from deepimage.data.store import prepare_store
+    from deepimage.data.prepare import prepare_store
 
     index = load_index(args.data, class_names_file=args.class_names)
     store = prepare_store(

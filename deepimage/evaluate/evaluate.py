@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepimage.data.cache import store_for
 from deepimage.data.loader import eval_batches, iterate_batches
-from deepimage.data.store import store_for
 from deepimage.ensemble import expand_sources, load_members
 from deepimage.evaluate.corrupt import SEVERITIES, summarise
 from deepimage.evaluate.corrupt import corrupt as corrupt_images

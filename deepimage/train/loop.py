@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from deepimage.augment.pipeline import build_train_augment
 from deepimage.config import ConfigError, TrainConfig, config_to_dict, save_config
+from deepimage.data.cache import default_cache_dir, store_for
 from deepimage.data.loader import (
     DeviceCache,
     eval_batches,
@@ -38,7 +39,7 @@ from deepimage.data.loader import (
     stratified_split,
     train_batches,
 )
-from deepimage.data.store import Store, default_cache_dir, store_for
+from deepimage.data.store import Store
 from deepimage.files import atomic_write_json, atomic_write_text
 from deepimage.inference import evaluate_batches, resolve_device
 from deepimage.metrics import ClassificationMeter
