@@ -218,7 +218,7 @@ def store_path(
 
 def prepare(files: list[Path], size: int, cache: Path) -> Path:
     from deepimage.data.index import DatasetIndex, Sample
-    from deepimage.data.store import prepare_store
+    from deepimage.data.prepare import prepare_store
 
     index = DatasetIndex(str(files[0].parent), ["all"], [Sample(str(f), 0) for f in files])
     out = cache / f"store-{size}"

@@ -44,7 +44,7 @@ from deepimage.config import resolve_config
 from deepimage.evaluate.corrupt import CORRUPTIONS
 from deepimage.evaluate.evaluate import evaluate
 from deepimage.runs import WEIGHTS
-from deepimage.train.finetune import finetune, finetune_config
+from deepimage.train.finetune import finetune_config
 from deepimage.train.loop import train
 from deepimage.train.multiscale import train_multiscale
 
@@ -218,7 +218,7 @@ class Reproduction:
                         flags.pop(key)  # the paper's fine-tuning schedule: 0.001, 0.0001
                     if p["finetune_lr"]:  # then divided by 10 after two thirds, as above
                         flags["lr"] = p["finetune_lr"]
-                    self.timed("fine-tune", finetune, finetune_config(flags), resume=True)
+                    self.timed("fine-tune", train, finetune_config(flags), resume=True)
                 rows.setdefault(f"finetune {mode}", []).append(self.evaluate(run)["top1"])
             scratch = self.out / "flowers" / f"multiscale-seed{seed}" / f"s{size}"
             rows.setdefault("scratch", []).append(self.evaluate(scratch)["top1"])

@@ -33,8 +33,8 @@ import torchvision
 from torchvision.transforms import v2
 
 from deepimage.augment.pipeline import build_train_augment
+from deepimage.data.cache import store_for
 from deepimage.data.loader import iterate_batches, train_batches
-from deepimage.data.store import store_for
 from deepimage.models import get_model
 from deepimage.precision import ExecutionChoice, resolve
 from deepimage.train.step import forward_backward

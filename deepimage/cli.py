@@ -1,7 +1,17 @@
 """The ``deepimage`` command line: parses flags, builds typed config, calls the library.
 
-Sub-commands: demo, prepare, train, evaluate, predict, serve, export. Errors a user can fix
-(bad flags, config keys, data paths, checkpoints) end with one line on stderr and exit status 2.
+Sub-commands: demo, prepare, train, finetune, evaluate, models, bench here; predict, serve
+and export in :mod:`deepimage.serve.cli`; augment in :mod:`deepimage.augment.cli`. The three
+command modules share one shape:
+
+* one parser function per sub-command, registered on the top-level sub-parsers by
+  ``add_parsers(sub)`` (``add_parser`` where a module has a single command);
+* one runner per sub-command, ``run_<name>(args) -> int``: flags in, typed config or keyword
+  arguments to the library, results printed, the exit status out;
+* ``RUNNERS``, the sub-command names mapped to their runners.
+
+This module adds :func:`main`: logging, dispatch, and errors a user can fix (bad flags,
+config keys, data paths, checkpoints) as one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
@@ -11,15 +21,15 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from deepimage import __version__
+from deepimage.augment import cli as augment_cli
 from deepimage.config import ConfigError, TrainConfig
 from deepimage.precision import PRECISIONS
-
-logger = logging.getLogger("deepimage.cli")
+from deepimage.serve import cli as serve_cli
 
 S = argparse.SUPPRESS
 
@@ -80,19 +90,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deepimage", description="Train, evaluate and use image-recognition models."
-    )
-    parser.add_argument("--version", action="version", version=f"deepimage {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job end to end on a built-in synthetic data set")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="decode once into a multi-scale uint8 store")
     p.add_argument("data", help="ImageFolder directory or CSV manifest")
     p.add_argument("--sizes", type=int, nargs="+", required=True)
@@ -103,14 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a classifier")
     _add_train_flags(p)
 
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a trained model on new data (paper 5.3)")
     _add_train_flags(p)
     p.add_argument("--from", dest="init_from", default=S, help="run or weights to start from")
     p.add_argument("--trainable", default=S, help="all, head or last:K (default all)")
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="top-1/top-5, per-class accuracy and confusion plots")
     p.add_argument("source", nargs="+",
                    help="run folder or weights file; an ensemble.json or several runs")  # fmt: skip
@@ -133,19 +144,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where folders are prepared into stores")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
-    from deepimage.serve.cli import add_parsers as add_serve_parsers
 
-    add_serve_parsers(sub)  # predict, serve, export
-
+def _add_models(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("models", help="list model names")
 
-    from deepimage.augment.cli import add_parser as add_augment_parser
 
-    add_augment_parser(sub)
-
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (see also benchmarks/)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     add_bench_parsers(bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``deepimage`` parser: each command module registers its own sub-commands."""
+    parser = argparse.ArgumentParser(
+        prog="deepimage", description="Train, evaluate and use image-recognition models."
+    )
+    parser.add_argument("--version", action="version", version=f"deepimage {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_demo, _add_prepare, _add_train, _add_finetune, _add_evaluate,
+        serve_cli.add_parsers,  # predict, serve, export
+        _add_models, augment_cli.add_parser, _add_bench,
+    ):  # fmt: skip
+        add(sub)
     return parser
 
 
@@ -234,24 +257,15 @@ def add_bench_parsers(bench: argparse._SubParsersAction) -> None:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < saved run config (on --resume) < --config file < flags."""
-    from deepimage.config import load_yaml, resolve_config, update_config
+    from deepimage.config import resolve_config
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
     flags.pop("quiet", None)
-    out = flags.get("out")
-    saved = Path(out) / "config.yaml" if out else None
-    if args.resume and saved is not None and saved.exists():
-        cfg = update_config(TrainConfig(), load_yaml(saved), source=str(saved))
-        if args.config:
-            cfg = update_config(cfg, load_yaml(args.config), source=args.config)
-        changed = {k: v for k, v in flags.items() if getattr(cfg, k) != v}
-        if changed:
-            logger.warning("resuming with changed keys: %s", ", ".join(sorted(changed)))
-        return update_config(cfg, flags).validate()
-    return resolve_config(args.config, flags)
+    resumed = flags.get("out") if args.resume else None
+    return resolve_config(args.config, flags, resumed=resumed)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
     from deepimage.train.loop import train
     from deepimage.train.multiscale import saved_sizes, train_multiscale
 
@@ -291,19 +305,20 @@ def _print_summary(summary: dict[str, Any], run: str | None) -> None:
     print(f"run folder: {run}")
 
 
-def _cmd_finetune(args: argparse.Namespace) -> int:
-    from deepimage.train.finetune import finetune, finetune_config
+def run_finetune(args: argparse.Namespace) -> int:
+    from deepimage.train.finetune import finetune_config
+    from deepimage.train.loop import train
 
     if getattr(args, "sizes", None):
         raise ValueError("finetune: --sizes is for train; fine-tune one member at a time")
     skip = ("command", "config", "resume", "quiet", "sizes")
     flags = {k: v for k, v in vars(args).items() if k not in skip}
     cfg = finetune_config(flags, args.config, resume=args.resume)
-    summary = finetune(cfg, resume=args.resume)
+    summary = train(cfg, resume=args.resume)
     if summary.get("stopped"):
         return 130
     if os.environ.get("RANK", "0") == "0":
-        from deepimage.train.finetune import FinetuneReport
+        from deepimage.models.transfer import FinetuneReport
 
         for line in FinetuneReport(**summary["finetune"]).lines():
             print(line)
@@ -311,10 +326,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
+def run_prepare(args: argparse.Namespace) -> int:
     from deepimage.data.decode import DEFAULT_MAX_PIXELS
     from deepimage.data.index import load_index
-    from deepimage.data.store import prepare_store
+    from deepimage.data.prepare import prepare_store
 
     index = load_index(args.data, class_names_file=args.class_names)
     store = prepare_store(
@@ -333,7 +348,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def run_evaluate(args: argparse.Namespace) -> int:
     from deepimage.evaluate.corrupt import format_table, parse_corruptions, parse_severities
     from deepimage.evaluate.evaluate import evaluate, format_members
 
@@ -367,49 +382,36 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:  # also serve and export
-    from deepimage.serve.cli import run
-
-    return run(args)
-
-
-def _cmd_models(args: argparse.Namespace) -> int:
+def run_models(args: argparse.Namespace) -> int:
     from deepimage.models import list_models
 
     print("\n".join(list_models()))
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace) -> int:
     return BENCHES[args.bench](args)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from deepimage.demo import run_demo
+def run_demo(args: argparse.Namespace) -> int:
+    from deepimage import demo
 
-    run_demo(args.out, epochs=args.epochs, progress=args.progress)
+    demo.run_demo(args.out, epochs=args.epochs, progress=args.progress)
     return 0
 
 
-def _cmd_augment(args: argparse.Namespace) -> int:
-    from deepimage.augment.cli import run
-
-    return run(args)
-
-
-COMMANDS = {
-    "augment": _cmd_augment,
-    "demo": _cmd_demo,
-    "prepare": _cmd_prepare,
-    "train": _cmd_train,
-    "finetune": _cmd_finetune,
-    "evaluate": _cmd_evaluate,
-    "predict": _cmd_predict,
-    "serve": _cmd_predict,
-    "export": _cmd_predict,
-    "models": _cmd_models,
-    "bench": _cmd_bench,
+RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "demo": run_demo,
+    "prepare": run_prepare,
+    "train": run_train,
+    "finetune": run_finetune,
+    "evaluate": run_evaluate,
+    **serve_cli.RUNNERS,  # predict, serve, export
+    "models": run_models,
+    "augment": augment_cli.run,
+    "bench": run_bench,
 }
+"""Command name -> runner: parsed flags in, exit status out."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -427,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
-        return COMMANDS[args.command](args)
+        return RUNNERS[args.command](args)
     except KeyboardInterrupt:
         print("deepimage: interrupted", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
+
+from deepimage.files import atomic_write_text
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Schedule = Literal["plateau", "step", "exp", "constant"]
@@ -27,6 +30,8 @@ SyncName = Literal["ddp", "butterfly", "lazy"]
 ParallelName = Literal["data", "hybrid"]
 AugmentPreset = Literal["deepimage", "alexnet", "crop_flip", "none"]
 
+
+logger = logging.getLogger(__name__)
 
 HYBRID_MODELS = ("vgg16_deepimage", "vgg19_deepimage", "alexnet")
 """Models with a fully-connected classifier that ``parallel: hybrid`` can split."""
@@ -259,12 +264,33 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(
-    file: str | Path | None = None, overrides: dict[str, Any] | None = None
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    resumed: str | Path | None = None,
+    base: dict[str, Any] | None = None,
+    base_source: str = "",
 ) -> TrainConfig:
-    """Defaults, then the YAML ``file``, then ``overrides`` (flags); validated."""
-    cfg = TrainConfig()
+    """The one precedence of configuration keys; validated.
+
+    Built-in defaults < ``base`` (keys a command derives, such as a fine-tuning run's from
+    its source; ``base_source`` names where they came from) < the YAML ``file`` <
+    ``overrides`` (flags). When ``resumed`` names a run folder with a saved ``config.yaml``,
+    that saved configuration takes the place of the defaults and ``base``, and a warning
+    names the keys the file or flags change.
+    """
+    saved = Path(resumed) / "config.yaml" if resumed is not None else None
+    resuming = saved is not None and saved.exists()
+    if resuming:
+        cfg = update_config(TrainConfig(), load_yaml(saved), source=str(saved))
+    else:
+        cfg = update_config(TrainConfig(), base or {}, source=base_source)
     if file is not None:
         cfg = update_config(cfg, load_yaml(file), source=str(file))
+    if resuming and overrides:
+        changed = {k: v for k, v in overrides.items() if getattr(cfg, k, v) != v}
+        if changed:
+            logger.warning("resuming with changed keys: %s", ", ".join(sorted(changed)))
     if overrides:
         cfg = update_config(cfg, overrides)
     return cfg.validate()
@@ -276,7 +302,5 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: str | Path, comment: str | None = None) -> None:
     """Write the resolved configuration as YAML, after an optional ``# comment`` line."""
-    from deepimage.runs import atomic_write_text
-
     head = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
     atomic_write_text(path, head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from deepimage.runs import CheckpointError, atomic_write_json, load_model, read_weights
+from deepimage.files import atomic_write_json
+from deepimage.runs import CheckpointError, load_model, read_weights
 
 logger = logging.getLogger(__name__)
 

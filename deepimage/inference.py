@@ -44,7 +44,7 @@ def inference_execution(
     with bf16 on one machine is served in fp32 on a CPU that would only emulate bf16. The
     model is put into the chosen memory layout.
     """
-    from deepimage.data.store import default_cache_dir
+    from deepimage.data.cache import default_cache_dir
 
     width = (meta.get("model_kwargs") or {}).get("width", 1.0)
     choice = resolve_execution(

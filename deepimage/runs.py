@@ -1,4 +1,4 @@
-"""The run folder: atomic files, weights with their metadata, and the full training state.
+"""The run folder: weights with their metadata, and the full training state.
 
 Layout of ``RUN/``::
 
@@ -7,21 +7,19 @@ Layout of ``RUN/``::
     model.json           the same metadata, readable
     checkpoint.safetensors (+ .prev)   full training state for --resume
     metrics.jsonl        one line per epoch
+    finetune.json        fine-tuning runs: the layers replaced, trainable and frozen
     summary.json         classes, image counts, skipped files, final accuracy
     curves.png, tb/      plots and TensorBoard logs
 
-Every write is atomic (temporary file, fsync, rename) and the previous checkpoint is kept,
-so a process killed at any instant leaves a loadable state behind. Nothing is ever unpickled:
-tensors go to safetensors and everything else to JSON.
+Every write is atomic (:mod:`deepimage.files`: temporary file, fsync, rename) and the
+previous checkpoint is kept, so a process killed at any instant leaves a loadable state
+behind. Nothing is ever unpickled: tensors go to safetensors and everything else to JSON.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,60 +27,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from deepimage.files import atomic_write, atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
+FINETUNE_REPORT = "finetune.json"
 META_KEY = "deepimage"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint or weights file that cannot be read; the message names the file."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None], keep_previous: bool = False):
-    """Write ``path`` through ``write(tmp)``: fsync, then rename over it in one step.
-
-    With ``keep_previous`` the old file survives as ``path.prev``; between the two renames
-    there is always at least one complete file on disk.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if keep_previous and path.exists():
-            os.replace(path, path.with_name(path.name + ".prev"))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # --- nested state <-> (tensors, JSON) -------------------------------------------------------

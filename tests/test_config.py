@@ -73,3 +73,19 @@ def test_adamw_needs_ddp_sync():
     assert resolve_config(None, {"optimizer": "adamw", "sync": "ddp"}).optimizer == "adamw"
     with pytest.raises(ConfigError, match="'optimizer'"):
         resolve_config(None, {"optimizer": "adamw", "sync": "lazy"})
+
+
+def test_precedence_flags_over_file_over_resumed_run(tmp_path, caplog):
+    """A resumed run's saved keys replace defaults and ``base``; the file and flags override
+    them, and the keys they change are named in a warning."""
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(resolve_config(None, {"lr": 0.02, "epochs": 4, "seed": 5}), run / "config.yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 6\nseed: 5\n")
+    base = {"lr": 0.3, "momentum": 0.5}
+    cfg = resolve_config(path, {"epochs": 9}, resumed=run, base=base)
+    assert (cfg.lr, cfg.momentum, cfg.epochs, cfg.seed) == (0.02, 0.9, 9, 5)
+    assert "changed keys: epochs" in caplog.text
+    fresh = resolve_config(path, {"seed": 1}, resumed=tmp_path / "none", base=base)
+    assert (fresh.lr, fresh.momentum, fresh.epochs, fresh.seed) == (0.3, 0.5, 6, 1)

@@ -3,9 +3,9 @@ import os
 import pytest
 import torch
 
+from deepimage.files import atomic_write_text
 from deepimage.runs import (
     CheckpointError,
-    atomic_write_text,
     load_latest_state,
     load_state,
     save_state,

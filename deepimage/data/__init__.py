@@ -1,5 +1,6 @@
 """Data: index image folders and CSVs, decode robustly, prepare memory-mapped stores."""
 
+from deepimage.data.cache import store_for
 from deepimage.data.decode import (
     DEFAULT_MAX_PIXELS,
     DecodeError,
@@ -20,7 +21,8 @@ from deepimage.data.index import (
     scan_folder,
     split_index,
 )
-from deepimage.data.store import IncompleteStoreError, Store, prepare_store, store_for
+from deepimage.data.prepare import prepare_store
+from deepimage.data.store import IncompleteStoreError, Store
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

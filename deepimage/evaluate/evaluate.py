@@ -13,14 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepimage.data.cache import store_for
 from deepimage.data.loader import eval_batches, iterate_batches
-from deepimage.data.store import store_for
 from deepimage.ensemble import expand_sources, load_members
 from deepimage.evaluate.corrupt import SEVERITIES, summarise
 from deepimage.evaluate.corrupt import corrupt as corrupt_images
+from deepimage.files import atomic_write_json
 from deepimage.inference import evaluate_batches, inference_execution, resolve_device
 from deepimage.metrics import ClassificationMeter
-from deepimage.runs import atomic_write_json, load_model
+from deepimage.runs import load_model
 
 logger = logging.getLogger(__name__)
 

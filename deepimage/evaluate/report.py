@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap, LogNorm, Normalize  # noqa: E402
 from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
+
+from deepimage.files import atomic_write  # noqa: E402
 
 __all__ = ["plot_confusion", "plot_curves", "plot_top5_histogram", "write_per_class_csv"]
 
@@ -81,15 +82,10 @@ def _matrix_figsize(n: int) -> tuple[float, float]:
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     """Save a figure as PNG atomically and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     logger.debug("wrote %s", path)
     return path
 
@@ -298,14 +294,12 @@ def write_per_class_csv(
     fractions with 6 decimals, empty for classes without images.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     names = names or {}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
     def fmt(v: Any) -> str:
         return "" if v is None else f"{float(v):.6f}"
 
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS)
@@ -324,8 +318,6 @@ def write_per_class_csv(
                         fmt(row.get("top5")),
                     ]
                 )
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, write)
     return path

@@ -11,8 +11,8 @@ truncated or corrupt file or a decompression bomb. Decoded images go through a
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib import resources
 from typing import Any
 
@@ -95,6 +95,25 @@ def _decode_status(reason: str) -> int:
     return 415 if reason.startswith("not an image") else 400
 
 
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+"""The OpenAPI description of ``POST /predict``'s body (the route reads the body itself)."""
+
+
 def create_app(
     predictor: Predictor,
     *,
@@ -105,6 +124,24 @@ def create_app(
 ) -> FastAPI:
     """The service for ``predictor``; the batcher runs for the app's lifetime."""
     batcher = MicroBatcher(predictor, max_batch=max_batch, max_wait=max_wait_ms / 1000)
+    app = FastAPI(
+        title="deepimage",
+        version=__version__,
+        description=f"Image classification with {predictor.name}.",
+        lifespan=_lifespan(predictor, batcher),
+    )
+    app.state.batcher = batcher
+    app.state.predictor = predictor
+    app.add_exception_handler(ClientError, _client_error)
+    _add_info_routes(app, predictor, batcher, {"max_batch": max_batch, "max_wait_ms": max_wait_ms})
+    _add_predict_route(app, predictor, batcher, max_body, default_topk)
+    return app
+
+
+def _lifespan(
+    predictor: Predictor, batcher: MicroBatcher
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Start the batcher with the app and stop it (logging its counters) at shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -116,18 +153,18 @@ def create_app(
             await batcher.stop()
             logger.info("stopped: %s", batcher.stats.as_dict())
 
-    app = FastAPI(
-        title="deepimage",
-        version=__version__,
-        description=f"Image classification with {predictor.name}.",
-        lifespan=lifespan,
-    )
-    app.state.batcher = batcher
-    app.state.predictor = predictor
+    return lifespan
 
-    @app.exception_handler(ClientError)
-    async def client_error(request: Request, err: ClientError) -> JSONResponse:
-        return JSONResponse({"detail": err.reason}, status_code=err.status)
+
+async def _client_error(request: Request, err: ClientError) -> JSONResponse:
+    """A :class:`ClientError` as its status and ``{"detail": reason}``."""
+    return JSONResponse({"detail": err.reason}, status_code=err.status)
+
+
+def _add_info_routes(
+    app: FastAPI, predictor: Predictor, batcher: MicroBatcher, batching: dict[str, Any]
+) -> None:
+    """``GET /`` (the web page), ``/health`` and ``/classes``."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -141,7 +178,7 @@ def create_app(
             "model": predictor.name,
             "backend": predictor.backend,
             "num_classes": len(predictor.classes),
-            "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms},
+            "batching": batching,
             **batcher.stats.as_dict(),
         }
 
@@ -156,27 +193,16 @@ def create_app(
             ],
         }
 
-    image_body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"file": {"type": "string", "format": "binary"}},
-                        "required": ["file"],
-                    }
-                },
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                "image/*": {"schema": {"type": "string", "format": "binary"}},
-            },
-        }
-    }
+
+def _add_predict_route(
+    app: FastAPI, predictor: Predictor, batcher: MicroBatcher, max_body: int, default_topk: int
+) -> None:
+    """``POST /predict``: read and decode one image, then classify it in a shared batch."""
 
     @app.post(
         "/predict",
         summary="Top-k classes of one image (multipart upload or raw bytes)",
-        openapi_extra=image_body,
+        openapi_extra=IMAGE_BODY,
         responses={
             400: {"description": "empty, truncated or corrupt image, or a decompression bomb"},
             413: {"description": "body over the size limit"},
@@ -195,5 +221,3 @@ def create_app(
             raise ClientError(_decode_status(reason), reason) from None
         probs = await batcher.submit(image)
         return {"model": predictor.name, "top": predictor.top(probs, topk)}
-
-    return app

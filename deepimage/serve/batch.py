@@ -165,6 +165,40 @@ def _decode(predictor: Predictor, path: Path) -> tuple[tuple[Any, ...] | None, s
         return None, str(err) or type(err).__name__
 
 
+def _score_pending(
+    pending: deque[tuple[str, Future]],
+    n: int,
+    predictor: Predictor,
+    writer: _Writer,
+    topk: int,
+    counts: dict[str, int],
+    bar: tqdm,
+) -> None:
+    """Score the first ``n`` pending decodes in one forward pass; write their rows in order."""
+    batch: list[tuple[str, tuple[Any, ...]]] = []
+    results: list[dict[str, Any] | None] = []
+    for _ in range(n):
+        rel, future = pending.popleft()
+        image, error = future.result()
+        if error is not None:
+            results.append({"path": rel, "error": error})
+            counts["errors"] += 1
+        else:
+            batch.append((rel, image))
+            results.append(None)
+    scored = iter([])
+    if batch:
+        probs = predictor.probabilities(predictor.stack([im for _, im in batch]))
+        scored = iter(
+            {"path": rel, "top": predictor.top(p, topk)} for (rel, _), p in zip(batch, probs)
+        )
+    for result in results:
+        writer.write(result if result is not None else next(scored))
+    counts["scored"] += len(batch)
+    writer.flush()
+    bar.update(n)
+
+
 def score_folder(
     predictor: Predictor,
     folder: str | Path,
@@ -205,32 +239,6 @@ def score_folder(
         writer = _Writer(f, fmt, topk, write_header=not exists)
         pending: deque[tuple[str, Future]] = deque()
         limit = 2 * batch_size + workers  # images decoded or decoding at once
-
-        def drain(n: int) -> None:
-            batch: list[tuple[str, tuple[Any, ...]]] = []
-            results: list[dict[str, Any] | None] = []
-            for _ in range(n):
-                rel, future = pending.popleft()
-                image, error = future.result()
-                if error is not None:
-                    results.append({"path": rel, "error": error})
-                    counts["errors"] += 1
-                else:
-                    batch.append((rel, image))
-                    results.append(None)
-            scored = iter([])
-            if batch:
-                probs = predictor.probabilities(predictor.stack([im for _, im in batch]))
-                scored = iter(
-                    {"path": rel, "top": predictor.top(p, topk)}
-                    for (rel, _), p in zip(batch, probs)
-                )
-            for result in results:
-                writer.write(result if result is not None else next(scored))
-            counts["scored"] += len(batch)
-            writer.flush()
-            bar.update(n)
-
         for path in walk_files(folder, skip):
             rel = path.relative_to(folder).as_posix()
             if rel in done:
@@ -239,7 +247,8 @@ def score_folder(
                 continue
             pending.append((rel, pool.submit(_decode, predictor, path)))
             if len(pending) >= limit:
-                drain(batch_size)
+                _score_pending(pending, batch_size, predictor, writer, topk, counts, bar)
         while pending:
-            drain(min(batch_size, len(pending)))
+            n = min(batch_size, len(pending))
+            _score_pending(pending, n, predictor, writer, topk, counts, bar)
     return counts

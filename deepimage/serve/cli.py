@@ -1,9 +1,13 @@
-"""Sub-commands ``predict``, ``serve`` and ``export``: their parsers and runners."""
+"""Sub-commands ``predict``, ``serve`` and ``export``: their parsers and runners.
+
+The shape of every command module is described in :mod:`deepimage.cli`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -11,6 +15,11 @@ import yaml
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``predict``, ``serve`` and ``export`` on the top-level sub-parsers."""
+    for add in (_add_predict, _add_serve, _add_export):
+        add(sub)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k classes of images, or of a whole folder")
     p.add_argument("source", help="run folder, weights file, ensemble manifest or .onnx file")
     p.add_argument("images", nargs="*", help="image files")
@@ -26,6 +35,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="decoding threads")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP service with a web page (FastAPI + uvicorn)")
     p.add_argument("source", help="run folder, weights file, ensemble manifest or .onnx file")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -43,6 +54,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export to ONNX or TorchScript with a parity check")
     p.add_argument("source", help="run folder or weights file")
     p.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], default="onnx")
@@ -184,9 +197,9 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-RUNNERS = {"predict": run_predict, "serve": run_serve, "export": run_export}
-
-
-def run(args: argparse.Namespace) -> int:
-    """Dispatch to the runner of ``args.command``."""
-    return RUNNERS[args.command](args)
+RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "predict": run_predict,
+    "serve": run_serve,
+    "export": run_export,
+}
+"""Command name -> runner: parsed flags in, exit status out."""

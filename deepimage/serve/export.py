@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 
 from deepimage.data.decode import DecodeError, decode_image
 from deepimage.data.transforms import center_crop, to_model_input
+from deepimage.files import atomic_write
 from deepimage.runs import CheckpointError, load_model
 
 logger = logging.getLogger(__name__)
@@ -187,11 +186,10 @@ def export(
     with torch.inference_mode():
         reference = model(x).float().numpy()
     example = x[:2] if len(x) >= 2 else x.repeat(2, 1, 1, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    diff = float("nan")
+
+    def write_checked(tmp: Path) -> None:  # the file is published only if it passes
+        nonlocal diff
         if fmt == "onnx":
             _export_onnx(model, example, tmp, meta)
             got = _run_onnx(tmp, x)
@@ -205,10 +203,8 @@ def export(
             raise ParityError(
                 f"{out}: parity check failed: max |logit difference| {diff:.3g} >= {tolerance:g}"
             )
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write_checked)
     logger.debug("exported %s to %s (max abs logit diff %.3g)", meta["model"], out, diff)
     return {
         "path": str(out),

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from deepimage.augment.pipeline import build_train_augment
 from deepimage.config import ConfigError, TrainConfig, config_to_dict, save_config
+from deepimage.data.cache import default_cache_dir, store_for
 from deepimage.data.loader import (
     DeviceCache,
     eval_batches,
@@ -38,10 +39,18 @@ from deepimage.data.loader import (
     stratified_split,
     train_batches,
 )
-from deepimage.data.store import Store, default_cache_dir, store_for
+from deepimage.data.store import Store
+from deepimage.files import atomic_write_json, atomic_write_text
 from deepimage.inference import evaluate_batches, resolve_device
 from deepimage.metrics import ClassificationMeter
 from deepimage.models import get_model
+from deepimage.models.transfer import (
+    FinetuneReport,
+    SourceWeights,
+    SourceWeightsError,
+    TrainableError,
+    prepare_model,
+)
 from deepimage.parallel import dist as pdist
 from deepimage.parallel.hybrid import build_hybrid, shard_classifier
 from deepimage.parallel.strategy import broadcast_model, build_strategy
@@ -50,11 +59,11 @@ from deepimage.precision import ExecutionChoice, needs_grad_scaler
 from deepimage.precision import resolve as resolve_execution
 from deepimage.runs import (
     CHECKPOINT,
+    FINETUNE_REPORT,
     WEIGHTS,
     CheckpointError,
-    atomic_write_json,
-    atomic_write_text,
     load_latest_state,
+    read_weights,
     save_state,
     save_weights,
 )
@@ -135,6 +144,20 @@ def model_meta(
     }
 
 
+def start_model(model: torch.nn.Module, cfg: TrainConfig, classes: list[str]) -> FinetuneReport:
+    """Apply ``init_from`` (the source run's weights) and ``trainable`` to a fresh model."""
+    source = None
+    if cfg.init_from is not None:
+        tensors, meta = read_weights(cfg.init_from)
+        source = SourceWeights(cfg.init_from, tensors, list(meta["classes"]), meta["model"])
+    try:
+        return prepare_model(model, classes, cfg.trainable, source)
+    except TrainableError as err:
+        raise ConfigError(str(err)) from None
+    except SourceWeightsError as err:
+        raise CheckpointError(str(err)) from None
+
+
 class _StopFlag:
     """Set by SIGINT/SIGTERM; the loop checkpoints at the next step boundary and exits."""
 
@@ -193,9 +216,7 @@ class Trainer:
         )
         self.finetune_report = None  # fine-tuning: start weights and frozen layers
         if cfg.init_from is not None or cfg.trainable != "all":
-            from deepimage.train.finetune import prepare_model
-
-            self.finetune_report = prepare_model(self.model, cfg, self.classes)
+            self.finetune_report = start_model(self.model, cfg, self.classes)
         self.model.to(self.device)
         self.execution = self._choose_execution()
         cfg = self.cfg = dataclasses.replace(
@@ -636,10 +657,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train as configured; returns the run summary (also in ``RUN/summary.json``).
 
     Under torchrun, a restarted job (``--max-restarts``) resumes from the last checkpoint.
+    A fine-tuning run (``init_from`` or ``trainable``) also writes ``RUN/finetune.json``, and
+    its summary holds the same report under ``"finetune"``.
     """
     trainer = Trainer(cfg)
     try:
-        return trainer.fit(resume=resume or pdist.restart_count() > 0)
+        report = trainer.finetune_report  # fine-tuning: what was replaced and frozen
+        taken = any((Path(cfg.out) / f).exists() for f in (CHECKPOINT, WEIGHTS))
+        if report is not None and trainer.rank == 0 and (resume or not taken):
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(cfg.out) / FINETUNE_REPORT, report.as_dict())
+        summary = trainer.fit(resume=resume or pdist.restart_count() > 0)
+        if report is not None:
+            summary = {**summary, "finetune": report.as_dict()}
+        return summary
     finally:
         trainer.close()
         pdist.destroy()

@@ -22,7 +22,8 @@ from typing import Any
 
 from deepimage.config import ConfigError, TrainConfig, save_config
 from deepimage.ensemble import write_manifest
-from deepimage.runs import WEIGHTS, atomic_write_json
+from deepimage.files import atomic_write_json
+from deepimage.runs import WEIGHTS
 
 logger = logging.getLogger(__name__)
 

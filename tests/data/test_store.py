@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import deepimage.data.store as store_mod
+import deepimage.data.prepare as prepare_mod
 from deepimage.data import (
     DataError,
     DecodeError,
@@ -39,20 +39,20 @@ def _rel(paths, root):
 def count_decodes(monkeypatch):
     """Count in-process decodes done by the store (workers=0)."""
     calls = []
-    original = store_mod.open_image
+    original = prepare_mod.open_image
 
     def counting(*args, **kwargs):
         calls.append(args[0])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(store_mod, "open_image", counting)
+    monkeypatch.setattr(prepare_mod, "open_image", counting)
     return calls
 
 
 def test_messy_folder_store_skips_bad_files_and_keeps_rows_aligned(messy, tmp_path, caplog):
     root = messy["root"]
     index = scan_folder(root)
-    with caplog.at_level(logging.WARNING, logger="deepimage.data.store"):
+    with caplog.at_level(logging.WARNING, logger="deepimage.data.prepare"):
         store = prepare_store(index, tmp_path / "store", [8, 16], workers=0, progress=False)
     assert len(store) == len(messy["ok"])
     expected_rows = [p for p in index.paths if _rel([p], root)[0] in messy["ok"]]
@@ -160,7 +160,7 @@ def test_store_without_manifest_is_refused_and_rebuilt(flat_folder, tmp_path, ca
         Store.open(out)
     assert str(out) in str(e.value) and "\n" not in str(e.value)
     assert isinstance(e.value, DataError)
-    with caplog.at_level(logging.WARNING, logger="deepimage.data.store"):
+    with caplog.at_level(logging.WARNING, logger="deepimage.data.prepare"):
         store = prepare_store(scan_folder(flat_folder), out, [8], workers=0, progress=False)
     assert any("incomplete store" in r.getMessage() for r in caplog.records)
     assert len(store) == 12 and len(Store.open(out)) == 12
@@ -183,7 +183,7 @@ def test_manifest_that_does_not_match_the_files_is_refused(flat_folder, tmp_path
 _KILLED_PREPARE = textwrap.dedent(
     """
     import sys, time
-    import deepimage.data.store as st
+    import deepimage.data.prepare as st
     from deepimage.data import load_index, prepare_store
 
     original = st.open_image
@@ -224,7 +224,7 @@ def test_prepare_killed_midway_is_never_used(flat_folder, tmp_path, caplog):
         Store.open(out)
     with pytest.raises(IncompleteStoreError):
         store_for(out, [8])  # leftovers are not mistaken for a store or image folder
-    with caplog.at_level(logging.WARNING, logger="deepimage.data.store"):
+    with caplog.at_level(logging.WARNING, logger="deepimage.data.prepare"):
         store = prepare_store(scan_folder(flat_folder), out, [8], workers=0, progress=False)
     assert any("leftover" in r.getMessage() for r in caplog.records)
     assert len(store) == 12

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from deepimage.config import resolve_config
+from deepimage.data.cache import store_for
 from deepimage.data.loader import DeviceCache, iterate_batches, train_batches
-from deepimage.data.store import store_for
 from deepimage.train.loop import Trainer, train
 from tests.data.messy import write_flat_folder
 

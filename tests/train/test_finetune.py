@@ -14,14 +14,10 @@ from safetensors.torch import load_file
 from deepimage.cli import main
 from deepimage.config import ConfigError, resolve_config
 from deepimage.models import get_model
+from deepimage.models.transfer import set_trainable, weight_layers
 from deepimage.runs import WEIGHTS, save_weights
-from deepimage.train.finetune import (
-    finetune,
-    finetune_config,
-    prepare_model,
-    set_trainable,
-    weight_layers,
-)
+from deepimage.train.finetune import finetune_config
+from deepimage.train.loop import start_model, train
 from tests.test_ensemble import fake_run
 from tests.train.test_multiscale import noise_folder
 
@@ -61,7 +57,7 @@ def test_head_replaced_and_the_rest_copied(source):
             "init_from": str(run), "trainable": "head"}  # fmt: skip
     cfg = resolve_config(None, keys)
     model = get_model("vgg16_deepimage", num_classes=3, image_size=32, width=0.0625)
-    report = prepare_model(model, cfg, ["a", "b", "c"])
+    report = start_model(model, cfg, ["a", "b", "c"])
     assert len(report.replaced) == 1 and report.replaced[0].startswith(HEAD)
     assert "-> 2 classes" in report.replaced[0] and "-> 3" in report.replaced[0]
     saved = load_file(run / WEIGHTS)
@@ -100,7 +96,7 @@ def test_frozen_weights_and_statistics_are_bitwise_unchanged(source, tmp_path):
             "precision": "fp32"}  # fmt: skip
     save_weights(src / WEIGHTS, base, meta)
     cfg = tiny_config(src, data, tmp_path / "ft", trainable="last:2", lr=0.05)
-    summary = finetune(cfg)
+    summary = train(cfg)
     trainable = summary["finetune"]["trainable_layers"]
     before, after = load_file(src / WEIGHTS), load_file(tmp_path / "ft" / WEIGHTS)
     changed = {k for k in after if k in before and not torch.equal(before[k], after[k])}
@@ -114,7 +110,7 @@ def test_frozen_weights_and_statistics_are_bitwise_unchanged(source, tmp_path):
 def test_head_only_training_moves_only_the_head(source, tmp_path):
     run, data = source
     cfg = tiny_config(run, data, tmp_path / "ft", trainable="head", lr=0.5, epochs=1)
-    finetune(cfg)
+    train(cfg)
     before, after = load_file(run / WEIGHTS), load_file(tmp_path / "ft" / WEIGHTS)
     for k in before:
         if not k.startswith(HEAD):
@@ -127,10 +123,10 @@ def test_head_only_training_moves_only_the_head(source, tmp_path):
 
 def test_resume_is_exact(source, tmp_path):
     run, data = source
-    full = finetune(tiny_config(run, data, tmp_path / "full", trainable="last:3"))
+    full = train(tiny_config(run, data, tmp_path / "full", trainable="last:3"))
     cut = tiny_config(run, data, tmp_path / "cut", trainable="last:3")
-    assert finetune(dataclasses.replace(cut, max_steps=3))["steps"] == 3
-    resumed = finetune(cut, resume=True)
+    assert train(dataclasses.replace(cut, max_steps=3))["steps"] == 3
+    resumed = train(cut, resume=True)
     assert resumed["steps"] == full["steps"]
     a, b = load_file(tmp_path / "full" / WEIGHTS), load_file(tmp_path / "cut" / WEIGHTS)
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
