@@ -33,6 +33,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from deepimage.files import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 PrecisionName = Literal["bf16", "fp16", "fp32"]
@@ -292,8 +294,6 @@ class ProbeCache:
     def put(self, key: str, times: dict[str, float]) -> None:
         data = self._read()
         data[key] = times
-        from deepimage.runs import atomic_write_text
-
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
