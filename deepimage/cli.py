@@ -25,6 +25,11 @@ S = argparse.SUPPRESS
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """Flags that override config keys; unset flags leave the config file's values alone."""
+    from deepimage.augment.pipeline import PRESETS
+    from deepimage.parallel.build import PARALLELS
+    from deepimage.parallel.optim import OPTIMIZERS
+    from deepimage.parallel.registry import SYNCS
+
     p.add_argument("--config", help="YAML file of config keys (flags override it)")
     p.add_argument("--data", default=S, help="ImageFolder directory, CSV manifest or store")
     p.add_argument("--val", default=S, help="validation data (default: a split of --data)")
@@ -37,14 +42,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="one model per source size in OUT/s<size>; OUT/ensemble.json")  # fmt: skip
     p.add_argument("--crop", type=int, default=S, help="crop / input size (default 224)")
     p.add_argument("--resize-mode", choices=["stretch", "shorter"], default=S)
-    p.add_argument("--augment", choices=["deepimage", "alexnet", "crop_flip", "none"], default=S)
+    p.add_argument("--augment", choices=list(PRESETS), default=S)
     p.add_argument("--epochs", type=int, default=S)
     p.add_argument("--max-steps", type=int, default=S, help="stop after N optimizer steps")
     p.add_argument("--batch-size", type=int, default=S, help="images per optimizer step")
     p.add_argument("--accum-steps", type=int, default=S, help="micro-batches per step")
     p.add_argument("--lr", type=float, default=S, help="learning rate (default 0.01)")
     p.add_argument("--lr-scaling", choices=["none", "linear"], default=S)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=S)
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default=S)
     p.add_argument("--momentum", type=float, default=S)
     p.add_argument("--weight-decay", type=float, default=S)
     p.add_argument("--schedule", choices=["plateau", "step", "exp", "constant"], default=S)
@@ -58,9 +63,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=S)
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--workers", type=int, default=S)
-    p.add_argument("--sync", choices=["ddp", "butterfly", "lazy"], default=S,
+    p.add_argument("--sync", choices=list(SYNCS), default=S,
                    help="gradient sync across torchrun processes (default ddp)")  # fmt: skip
-    p.add_argument("--parallel", choices=["data", "hybrid"], default=S,
+    p.add_argument("--parallel", choices=list(PARALLELS), default=S,
                    help="hybrid: FC layers split across processes (default data)")  # fmt: skip
     p.add_argument("--sync-bn", action="store_true", default=S, help="synchronised batch norm")
     p.add_argument("--bucket-mb", type=float, default=S, help="gradient bucket size (MiB)")
@@ -196,10 +201,11 @@ BENCHES: dict[str, Any] = {
 
 
 def _add_parallel_benches(bench: argparse._SubParsersAction) -> None:
+    from deepimage.parallel.registry import SYNCS
+
     p = bench.add_parser("scaling", help="data-parallel step time, sync time and bytes vs N")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--sync", nargs="+", choices=["ddp", "butterfly", "lazy"],
-                   default=["ddp", "butterfly", "lazy"])  # fmt: skip
+    p.add_argument("--sync", nargs="+", choices=list(SYNCS), default=list(SYNCS))
     p.add_argument("--model", default=None, help="default vgg16_deepimage")
     p.add_argument("--width", type=float, default=None, help="default 0.25")
     p.add_argument("--image-size", type=int, default=None, help="default 64")

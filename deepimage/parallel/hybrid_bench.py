@@ -4,7 +4,7 @@ Both modes train the same model on the same per-rank batch with ddp conv sync, i
 processes each, and report per rank: the median step time (and its spread), the FC parameter
 and optimizer-state bytes this rank holds, the activations saved for backward (FC part and
 total, counted with saved-tensor hooks, each storage once), and the bytes sent per step (ring
-accounting, see :mod:`deepimage.parallel.strategy`). The bytes each hybrid rank sends are also
+accounting, see :mod:`deepimage.parallel.base`). The bytes each hybrid rank sends are also
 predicted from the layer sizes by :func:`deepimage.parallel.scaling.hybrid_bytes`, the term the
 scaling model uses, so the table checks that term.
 """
@@ -69,8 +69,10 @@ def _measure(rank: int, world: int, port: int, mode: str, spec: HybridSpec, out:
     torch.set_num_threads(1)
     from deepimage.models import get_model
     from deepimage.parallel import dist as pdist
-    from deepimage.parallel.hybrid import build_hybrid, fc_bytes, shard_classifier
-    from deepimage.parallel.strategy import broadcast_model, build_strategy
+    from deepimage.parallel.base import broadcast_model
+    from deepimage.parallel.head import fc_bytes, shard_classifier
+    from deepimage.parallel.hybrid import build_hybrid
+    from deepimage.parallel.registry import build_strategy
     from deepimage.train.step import forward_backward
 
     pdist.init_distributed(torch.device("cpu"), timeout=300)
@@ -151,7 +153,7 @@ def _link(world: int, big: int = 2**21) -> dict[str, float] | None:
     import torch
     import torch.distributed as dist
 
-    from deepimage.parallel.hybrid import _all_gather
+    from deepimage.parallel.collectives import all_gather_into
 
     if world == 1:
         return None
@@ -162,7 +164,7 @@ def _link(world: int, big: int = 2**21) -> dict[str, float] | None:
         dist.barrier()
         start = time.perf_counter()
         for _ in range(repeats):
-            _all_gather(out, x)
+            all_gather_into(out, x)
         return (time.perf_counter() - start) / repeats
 
     latency = timed(2, 20) / (world - 1)

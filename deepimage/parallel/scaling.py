@@ -4,7 +4,7 @@ The benchmark spawns N gloo processes per strategy and times steps of a model on
 per-rank batch: compute time (the same step on one process, no exchange), the time the
 training thread spends blocked in the strategy (``blocking``: butterfly's whole exchange and
 update; lazy's launches and waits in the hooks), the exposed sync time (step time minus compute
-time) and the bytes each rank sends (ring accounting, see :mod:`deepimage.parallel.strategy`).
+time) and the bytes each rank sends (ring accounting, see :mod:`deepimage.parallel.base`).
 
 The model predicts a step as compute ``b * F / (peak * u)`` plus the exposed part of the
 gradient exchange ``2 (N-1)/N * P / bw + 2 (N-1) * latency``. Each strategy hides the exchange
@@ -455,7 +455,8 @@ def _measure(rank: int, world: int, port: int, sync: str, spec: BenchSpec, out: 
     torch.set_num_threads(1)
     from deepimage.models import get_model
     from deepimage.parallel import dist as pdist
-    from deepimage.parallel.strategy import broadcast_model, build_strategy
+    from deepimage.parallel.base import broadcast_model
+    from deepimage.parallel.registry import build_strategy
     from deepimage.train.step import forward_backward
 
     pdist.init_distributed(torch.device("cpu"), timeout=300)

@@ -42,8 +42,8 @@ from deepimage.inference import evaluate_batches, resolve_device
 from deepimage.metrics import ClassificationMeter
 from deepimage.models import get_model
 from deepimage.parallel import dist as pdist
-from deepimage.parallel.hybrid import build_hybrid, shard_classifier
-from deepimage.parallel.strategy import broadcast_model, build_strategy
+from deepimage.parallel.build import build_sync
+from deepimage.parallel.optim import set_lr
 from deepimage.parallel.sync_bn import convert_sync_batchnorm
 from deepimage.runs import (
     CHECKPOINT,
@@ -54,7 +54,6 @@ from deepimage.runs import (
     save_state,
     save_weights,
 )
-from deepimage.train.optim import build_optimizer, set_lr
 from deepimage.train.schedule import LRSchedule
 from deepimage.train.step import forward_backward
 
@@ -202,13 +201,9 @@ class Trainer:
                 self.model = convert_sync_batchnorm(self.model)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
-        broadcast_model(self.model)
-        if cfg.parallel == "hybrid":  # this rank keeps 1/N of every FC layer (paper 3.2)
-            shard_classifier(self.model)
-        self.optimizer = build_optimizer(self.model, cfg)
         self.device_cache = self._device_cache()
-        build = build_hybrid if cfg.parallel == "hybrid" else build_strategy
-        self.sync = build(cfg.sync, self.model, self.optimizer, bucket_mb=cfg.bucket_mb)
+        self.sync = build_sync(cfg, self.model)  # broadcast, split, optimizer, strategy
+        self.optimizer = self.sync.optimizer
         self.train_model = self.sync.wrap()
         self.augment = build_train_augment(
             cfg.augment,
@@ -412,7 +407,7 @@ class Trainer:
         self.sync.flush()
         shard = np.array_split(self.data.val_rows, self.world)[self.rank]  # no padding
         batches = eval_batches(shard, max(1, self.cfg.batch_size // self.world))
-        if self.cfg.parallel == "hybrid":  # the split head is collective: equal batch counts
+        if self.sync.collective_forward:  # e.g. hybrid's split head: equal batch counts
             batches = np.array_split(shard, -(-len(self.data.val_rows) // self.cfg.batch_size))
         meter, _ = evaluate_batches(
             self.model,

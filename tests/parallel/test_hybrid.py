@@ -17,12 +17,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from deepimage.parallel.hybrid import (
-    HybridStrategy,
-    fc_bytes,
-    shard_bounds,
-    shard_classifier,
-)
+from deepimage.parallel.head import fc_bytes, shard_bounds, shard_classifier
+from deepimage.parallel.hybrid import HybridStrategy
 from deepimage.runs import load_state, save_state
 from tests.parallel import workers
 
@@ -39,7 +35,7 @@ def free_port() -> int:
 
 def _hybrid(sync: str) -> tuple[torch.nn.Module, HybridStrategy]:
     model = workers.build_model()
-    from deepimage.parallel.strategy import broadcast_model
+    from deepimage.parallel.base import broadcast_model
 
     broadcast_model(model)
     shard_classifier(model)
