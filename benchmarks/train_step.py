@@ -18,10 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from deepimage.bench.report import header, spread
 from deepimage.models import get_model
 from deepimage.train.step import forward_backward
-
-from _common import header, spread
 
 CASES = [
     # (label, model, image size, batch)

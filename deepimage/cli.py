@@ -7,7 +7,6 @@ Sub-commands: demo, prepare, train, evaluate, predict, serve, export. Errors a u
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -143,94 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_augment_parser(sub)
 
-    p = sub.add_parser("bench", help="benchmarks (see also benchmarks/)")
-    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    add_bench_parsers(bench)
+    from deepimage.bench.cli import add_parsers as add_bench_parsers
+
+    add_bench_parsers(sub)
     return parser
-
-
-# Each benchmark registers a parser here and a runner in BENCHES (name -> function(args) -> int).
-def _bench_augment(args: argparse.Namespace) -> int:
-    from deepimage.augment.cli import run_bench
-
-    return run_bench(args)
-
-
-def _bench_scaling(args: argparse.Namespace) -> int:
-    from deepimage.parallel.scaling import bench_scaling, plot_scaling, print_scaling, spec_with
-
-    out = Path(args.out)
-    spec = spec_with(model=args.model, width=args.width, image_size=args.image_size,
-                     batch_per_rank=args.batch_per_rank, steps=args.steps)  # fmt: skip
-    result = bench_scaling(args.procs, args.sync, spec, out)
-    print_scaling(result)
-    (out / "scaling.json").write_text(json.dumps(result, indent=2))
-    plot_scaling(result, out / "scaling.png")
-    print(f"table and plot: {out / 'scaling.json'}, {out / 'scaling.png'}")
-    return 0
-
-
-def _bench_simulate(args: argparse.Namespace) -> int:
-    from deepimage.parallel.scaling import print_simulation, simulate
-
-    measured = json.loads(Path(args.measured).read_text()) if args.measured else None
-    print_simulation(simulate(measured))
-    return 0
-
-
-def _bench_hybrid(args: argparse.Namespace) -> int:
-    from deepimage.parallel.hybrid_bench import bench_hybrid, print_hybrid, spec_with
-
-    out = Path(args.out)
-    spec = spec_with(model=args.model, width=args.width, image_size=args.image_size,
-                     batch_per_rank=args.batch_per_rank, steps=args.steps,
-                     rounds=args.rounds)  # fmt: skip
-    result = bench_hybrid(args.procs, spec, out)
-    print_hybrid(result)
-    (out / "hybrid.json").write_text(json.dumps(result, indent=2))
-    print(f"table: {out / 'hybrid.json'}")
-    return 0
-
-
-BENCHES: dict[str, Any] = {
-    "augment": _bench_augment,
-    "scaling": _bench_scaling,
-    "simulate": _bench_simulate,
-    "hybrid": _bench_hybrid,
-}
-
-
-def _add_parallel_benches(bench: argparse._SubParsersAction) -> None:
-    from deepimage.parallel.registry import SYNCS
-
-    p = bench.add_parser("scaling", help="data-parallel step time, sync time and bytes vs N")
-    p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--sync", nargs="+", choices=list(SYNCS), default=list(SYNCS))
-    p.add_argument("--model", default=None, help="default vgg16_deepimage")
-    p.add_argument("--width", type=float, default=None, help="default 0.25")
-    p.add_argument("--image-size", type=int, default=None, help="default 64")
-    p.add_argument("--batch-per-rank", type=int, default=None, help="default 16")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 6)")
-    p.add_argument("--out", default="bench-scaling", help="folder for the JSON and PNG")
-    p = bench.add_parser("hybrid", help="hybrid vs data parallel: step time, memory, bytes")
-    p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--model", default=None, help="default vgg16_deepimage")
-    p.add_argument("--width", type=float, default=None, help="default 0.25")
-    p.add_argument("--image-size", type=int, default=None, help="default 96")
-    p.add_argument("--batch-per-rank", type=int, default=None, help="default 16")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
-    p.add_argument("--rounds", type=int, default=None, help="alternating repeats (default 3)")
-    p.add_argument("--out", default="bench-hybrid", help="folder for the JSON")
-    p = bench.add_parser("simulate", help="scaling model calibrated on the paper's Minwa")
-    p.add_argument("--measured", default=None, help="scaling.json of `bench scaling` to check")
-
-
-def add_bench_parsers(bench: argparse._SubParsersAction) -> None:
-    """Sub-commands of ``deepimage bench``."""
-    from deepimage.augment.cli import add_bench_parser as add_augment_bench
-
-    add_augment_bench(bench)
-    _add_parallel_benches(bench)
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -382,7 +297,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    return BENCHES[args.bench](args)
+    from deepimage.bench.cli import run
+
+    return run(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -261,7 +261,7 @@ def test_torchrun_hybrid_resumes_on_one_process_and_loads_unsharded(tmp_path):
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_sent_match_the_scaling_model(spawned, world):
     """Every rank sends exactly what the scaling model's hybrid term predicts."""
-    from deepimage.parallel.scaling import hybrid_bytes
+    from deepimage.parallel.perf_model import hybrid_bytes
 
     _, reports = spawned[world]
     model = workers.build_model()
@@ -277,7 +277,7 @@ def test_scaling_model_reproduces_figure_2a_within_its_exposure_band():
     data parallelism's exchange inside the band the model derives, hybrid wins at every N up to
     16 and loses from 32 (paper Figure 2a); lazy (hides all) and butterfly (hides none)
     bracket the band."""
-    from deepimage.parallel.scaling import (
+    from deepimage.parallel.perf_model import (
         MINWA,
         VGG_A,
         calibrate,
