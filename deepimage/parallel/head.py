@@ -22,6 +22,7 @@ from deepimage.parallel.collectives import (
     gather_rows,
     gather_rows_raw,
 )
+from deepimage.rng import DropoutKeys, active_dropout_keys, use_dropout_keys
 
 
 def shard_bounds(n: int, world: int, start: int = 0) -> list[tuple[int, int]]:
@@ -61,35 +62,6 @@ class ShardedLinear(nn.Linear):
         return f"{super().extra_repr()}, rows=[{self.lo}, {self.hi}) of {self.full_out}"
 
 
-class ShardedKeyedDropout(nn.Module):
-    """:class:`KeyedDropout` on columns ``[lo, lo + width)``: the masks one process draws there.
-
-    Inside :func:`~deepimage.models.common.dropout_keys` the mask of image ``i``, unit ``j``
-    depends on (seed, step, image key, stream, j) only; the keys of the global batch are
-    gathered from every rank. Outside that context it is ``nn.Dropout`` on the slice.
-    """
-
-    def __init__(self, p: float, stream: int, lo: int) -> None:
-        super().__init__()
-        self.p, self.stream, self.lo = float(p), int(stream), int(lo)
-
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None, salt: int | None) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if rows is None or salt is None:
-            return nn.functional.dropout(x, self.p, training=True)
-        m32 = common._M32
-        h = common._hash32
-        base = h((rows.to(x.device) & m32) ^ h(torch.tensor(salt ^ self.stream, device=x.device)))
-        units = h(torch.arange(self.lo, self.lo + x.shape[1], device=x.device, dtype=torch.int64))
-        bits = h(base[:, None] ^ units[None, :])
-        keep = ((bits >> 8).to(torch.float32) * (1.0 / (1 << 24))) >= self.p
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, stream={self.stream}, first unit {self.lo}"
-
-
 class HybridHead(nn.Sequential):
     """The classifier with every Linear cut to this rank's output rows.
 
@@ -112,7 +84,7 @@ class HybridHead(nn.Sequential):
             elif isinstance(m, common.KeyedDropout):
                 if last is None:
                     raise ValueError("hybrid parallelism: dropout before the first FC layer")
-                layers[name] = ShardedKeyedDropout(m.p, m.stream, last.lo)
+                layers[name] = common.KeyedDropout(m.p, m.stream, first_unit=last.lo)
             elif isinstance(m, nn.Dropout) and m.p > 0:
                 raise ValueError(
                     "hybrid parallelism needs KeyedDropout (masks independent of the split)"
@@ -151,8 +123,8 @@ class HybridHead(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         counts = self._counts(b)
-        keys = common._active_keys
-        rows = salt = None
+        keys = active_dropout_keys()
+        batch_keys = None  # the keys of the global batch, which the FC layers see
         if keys is not None and self.training:
             if keys.rows.numel() != b:
                 raise ValueError(f"dropout keys cover {keys.rows.numel()} images, the batch {b}")
@@ -163,20 +135,19 @@ class HybridHead(nn.Sequential):
                 )
                 with self.stats.blocking():
                     rows = gather_rows_raw(rows, counts, "all_gather(dropout keys)")
-            rows, salt = rows.reshape(-1), keys.salt
+            batch_keys = DropoutKeys(rows.reshape(-1), keys.salt)
         h, widths, gathered = x, None, False
-        for m in self.children():
-            if isinstance(m, ShardedLinear):
-                if not gathered:
-                    h = gather_rows(h, counts, self.rank, self.stats)
-                    gathered = True
-                elif widths is not None:
-                    h = gather_columns(h, widths, self.rank, self.stats)
-                h, widths = m(h), m.widths
-            elif isinstance(m, ShardedKeyedDropout):
-                h = m(h, rows, salt)
-            else:
-                h = m(h)
+        with use_dropout_keys(batch_keys):
+            for m in self.children():
+                if isinstance(m, ShardedLinear):
+                    if not gathered:
+                        h = gather_rows(h, counts, self.rank, self.stats)
+                        gathered = True
+                    elif widths is not None:
+                        h = gather_columns(h, widths, self.rank, self.stats)
+                    h, widths = m(h), m.widths
+                else:
+                    h = m(h)
         h = gather_columns(h, widths, self.rank, self.stats)
         lo = sum(counts[: self.rank])
         return h[lo : lo + b]

@@ -45,6 +45,7 @@ from deepimage.parallel import dist as pdist
 from deepimage.parallel.build import build_sync
 from deepimage.parallel.optim import set_lr
 from deepimage.parallel.sync_bn import convert_sync_batchnorm
+from deepimage.rng import seed_global
 from deepimage.runs import (
     CHECKPOINT,
     WEIGHTS,
@@ -170,7 +171,7 @@ class Trainer:
                 f"evenly into {self.world} processes x {cfg.accum_steps} micro-batches"
             )
         self.local_batch = cfg.batch_size // self.world
-        torch.manual_seed(cfg.seed)
+        seed_global(cfg.seed)  # weight init; every other draw is keyed (deepimage.rng)
         if self.rank == 0:  # one process prepares the stores, the others then open them
             self.data = prepare_data(cfg)
             pdist.barrier("barrier(prepare data)")

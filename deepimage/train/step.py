@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from deepimage.inference import autocast
-from deepimage.models.common import dropout_keys
+from deepimage.rng import dropout_keys
 
 
 def forward_backward(
@@ -31,7 +31,7 @@ def forward_backward(
 
     ``micro_step(last)`` wraps each micro-batch (a gradient-sync strategy synchronises only
     on the last one); ``dropout_key = (rows, seed, step)`` keys dropout masks by image (see
-    :func:`~deepimage.models.common.dropout_keys`). Returns the summed loss (for logging) and
+    :func:`~deepimage.rng.dropout_keys`). Returns the summed loss (for logging) and
     the detached float32 logits.
     """
     micro = len(x) // accum_steps
