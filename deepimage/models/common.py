@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -47,6 +48,21 @@ def fc_head(in_features: int, hidden: int, num_classes: int, dropout: float) -> 
         KeyedDropout(dropout, Stream.DROPOUT_FC2),
         nn.Linear(hidden, num_classes),
     )
+
+
+_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def split_resnet(model: nn.Module, dropout: float = 0.0) -> tuple[nn.Sequential, nn.Sequential]:
+    """Split a torchvision-style ResNet into ``features`` (stem..layer4, named as in the
+    original so weights keep their names) and ``classifier`` (average pool, flatten, [dropout,]
+    fc)."""
+    features = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in _TRUNK))
+    head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+    if dropout > 0:
+        head.append(nn.Dropout(dropout))
+    head.append(model.fc)
+    return features, nn.Sequential(*head)
 
 
 def init_weights(module: nn.Module) -> None:

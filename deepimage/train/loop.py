@@ -543,7 +543,7 @@ class Trainer:
         return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
 
     def _draw_curves(self) -> None:
-        from deepimage.evaluate.report import plot_curves
+        from deepimage.report import plot_curves
 
         if self.rank != 0:
             return
