@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import header, spread
+from deepimage.bench.report import header, spread
 
 VARIANTS = {
     "default (auto)": [],

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepimage.bench.report import machine, versions
 from deepimage.config import resolve_config
 from deepimage.evaluate.corrupt import CORRUPTIONS
 from deepimage.evaluate.evaluate import evaluate
@@ -47,8 +48,6 @@ from deepimage.runs import WEIGHTS
 from deepimage.train.finetune import finetune_config
 from deepimage.train.loop import train
 from deepimage.train.multiscale import train_multiscale
-
-from _common import machine, versions
 
 HERE = Path(__file__).resolve().parent
 DATASETS = HERE.parent.parent / "shared" / "datasets"

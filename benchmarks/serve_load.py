@@ -37,12 +37,11 @@ import httpx
 import numpy as np
 import torch
 
+from deepimage.bench.report import header, spread
 from deepimage.models import get_model
 from deepimage.runs import WEIGHTS, save_weights
 from deepimage.serve.export import export
 from deepimage.serve.predict import Predictor
-
-from _common import header, spread
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "imagenet-sample"
 BAD_KINDS = ("truncated", "non-image", "oversized", "bomb", "empty")

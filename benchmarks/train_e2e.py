@@ -33,13 +33,12 @@ import torchvision
 from torchvision.transforms import v2
 
 from deepimage.augment.pipeline import build_train_augment
+from deepimage.bench.report import header, spread
 from deepimage.data.cache import store_for
 from deepimage.data.loader import iterate_batches, train_batches
 from deepimage.models import get_model
 from deepimage.precision import ExecutionChoice, resolve
 from deepimage.train.step import forward_backward
-
-from _common import header, spread
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -25,11 +25,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from deepimage.bench.report import header, spread
 from deepimage.models import get_model
 from deepimage.precision import resolve
 from deepimage.train.step import forward_backward
-
-from _common import header, spread
 
 CASES = [
     # (label, model, image size, batch)

@@ -17,16 +17,15 @@ config keys, data paths, checkpoints) as one line on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from deepimage import __version__
 from deepimage.augment import cli as augment_cli
+from deepimage.bench import cli as bench_cli
 from deepimage.config import ConfigError, TrainConfig
 from deepimage.precision import PRECISIONS
 from deepimage.serve import cli as serve_cli
@@ -36,6 +35,11 @@ S = argparse.SUPPRESS
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """Flags that override config keys; unset flags leave the config file's values alone."""
+    from deepimage.augment.pipeline import PRESETS
+    from deepimage.parallel.build import PARALLELS
+    from deepimage.parallel.optim import OPTIMIZERS
+    from deepimage.parallel.registry import SYNCS
+
     p.add_argument("--config", help="YAML file of config keys (flags override it)")
     p.add_argument("--data", default=S, help="ImageFolder directory, CSV manifest or store")
     p.add_argument("--val", default=S, help="validation data (default: a split of --data)")
@@ -48,14 +52,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="one model per source size in OUT/s<size>; OUT/ensemble.json")  # fmt: skip
     p.add_argument("--crop", type=int, default=S, help="crop / input size (default 224)")
     p.add_argument("--resize-mode", choices=["stretch", "shorter"], default=S)
-    p.add_argument("--augment", choices=["deepimage", "alexnet", "crop_flip", "none"], default=S)
+    p.add_argument("--augment", choices=list(PRESETS), default=S)
     p.add_argument("--epochs", type=int, default=S)
     p.add_argument("--max-steps", type=int, default=S, help="stop after N optimizer steps")
     p.add_argument("--batch-size", type=int, default=S, help="images per optimizer step")
     p.add_argument("--accum-steps", type=int, default=S, help="micro-batches per step")
     p.add_argument("--lr", type=float, default=S, help="learning rate (default 0.01)")
     p.add_argument("--lr-scaling", choices=["none", "linear"], default=S)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=S)
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default=S)
     p.add_argument("--momentum", type=float, default=S)
     p.add_argument("--weight-decay", type=float, default=S)
     p.add_argument("--schedule", choices=["plateau", "step", "exp", "constant"], default=S)
@@ -72,9 +76,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=S)
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--workers", type=int, default=S)
-    p.add_argument("--sync", choices=["ddp", "butterfly", "lazy"], default=S,
+    p.add_argument("--sync", choices=list(SYNCS), default=S,
                    help="gradient sync across torchrun processes (default ddp)")  # fmt: skip
-    p.add_argument("--parallel", choices=["data", "hybrid"], default=S,
+    p.add_argument("--parallel", choices=list(PARALLELS), default=S,
                    help="hybrid: FC layers split across processes (default data)")  # fmt: skip
     p.add_argument("--sync-bn", action="store_true", default=S, help="synchronised batch norm")
     p.add_argument("--bucket-mb", type=float, default=S, help="gradient bucket size (MiB)")
@@ -149,12 +153,6 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("models", help="list model names")
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (see also benchmarks/)")
-    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    add_bench_parsers(bench)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``deepimage`` parser: each command module registers its own sub-commands."""
     parser = argparse.ArgumentParser(
@@ -166,93 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_demo, _add_prepare, _add_train, _add_finetune, _add_evaluate,
         serve_cli.add_parsers,  # predict, serve, export
-        _add_models, augment_cli.add_parser, _add_bench,
+        _add_models, augment_cli.add_parser, bench_cli.add_parsers,
     ):  # fmt: skip
         add(sub)
     return parser
-
-
-# Each benchmark registers a parser here and a runner in BENCHES (name -> function(args) -> int).
-def _bench_augment(args: argparse.Namespace) -> int:
-    from deepimage.augment.cli import run_bench
-
-    return run_bench(args)
-
-
-def _bench_scaling(args: argparse.Namespace) -> int:
-    from deepimage.parallel.scaling import bench_scaling, plot_scaling, print_scaling, spec_with
-
-    out = Path(args.out)
-    spec = spec_with(model=args.model, width=args.width, image_size=args.image_size,
-                     batch_per_rank=args.batch_per_rank, steps=args.steps)  # fmt: skip
-    result = bench_scaling(args.procs, args.sync, spec, out)
-    print_scaling(result)
-    (out / "scaling.json").write_text(json.dumps(result, indent=2))
-    plot_scaling(result, out / "scaling.png")
-    print(f"table and plot: {out / 'scaling.json'}, {out / 'scaling.png'}")
-    return 0
-
-
-def _bench_simulate(args: argparse.Namespace) -> int:
-    from deepimage.parallel.scaling import print_simulation, simulate
-
-    measured = json.loads(Path(args.measured).read_text()) if args.measured else None
-    print_simulation(simulate(measured))
-    return 0
-
-
-def _bench_hybrid(args: argparse.Namespace) -> int:
-    from deepimage.parallel.hybrid_bench import bench_hybrid, print_hybrid, spec_with
-
-    out = Path(args.out)
-    spec = spec_with(model=args.model, width=args.width, image_size=args.image_size,
-                     batch_per_rank=args.batch_per_rank, steps=args.steps,
-                     rounds=args.rounds)  # fmt: skip
-    result = bench_hybrid(args.procs, spec, out)
-    print_hybrid(result)
-    (out / "hybrid.json").write_text(json.dumps(result, indent=2))
-    print(f"table: {out / 'hybrid.json'}")
-    return 0
-
-
-BENCHES: dict[str, Any] = {
-    "augment": _bench_augment,
-    "scaling": _bench_scaling,
-    "simulate": _bench_simulate,
-    "hybrid": _bench_hybrid,
-}
-
-
-def _add_parallel_benches(bench: argparse._SubParsersAction) -> None:
-    p = bench.add_parser("scaling", help="data-parallel step time, sync time and bytes vs N")
-    p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--sync", nargs="+", choices=["ddp", "butterfly", "lazy"],
-                   default=["ddp", "butterfly", "lazy"])  # fmt: skip
-    p.add_argument("--model", default=None, help="default vgg16_deepimage")
-    p.add_argument("--width", type=float, default=None, help="default 0.25")
-    p.add_argument("--image-size", type=int, default=None, help="default 64")
-    p.add_argument("--batch-per-rank", type=int, default=None, help="default 16")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 6)")
-    p.add_argument("--out", default="bench-scaling", help="folder for the JSON and PNG")
-    p = bench.add_parser("hybrid", help="hybrid vs data parallel: step time, memory, bytes")
-    p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--model", default=None, help="default vgg16_deepimage")
-    p.add_argument("--width", type=float, default=None, help="default 0.25")
-    p.add_argument("--image-size", type=int, default=None, help="default 96")
-    p.add_argument("--batch-per-rank", type=int, default=None, help="default 16")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
-    p.add_argument("--rounds", type=int, default=None, help="alternating repeats (default 3)")
-    p.add_argument("--out", default="bench-hybrid", help="folder for the JSON")
-    p = bench.add_parser("simulate", help="scaling model calibrated on the paper's Minwa")
-    p.add_argument("--measured", default=None, help="scaling.json of `bench scaling` to check")
-
-
-def add_bench_parsers(bench: argparse._SubParsersAction) -> None:
-    """Sub-commands of ``deepimage bench``."""
-    from deepimage.augment.cli import add_bench_parser as add_augment_bench
-
-    add_augment_bench(bench)
-    _add_parallel_benches(bench)
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -389,10 +304,6 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    return BENCHES[args.bench](args)
-
-
 def run_demo(args: argparse.Namespace) -> int:
     from deepimage import demo
 
@@ -409,7 +320,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
     **serve_cli.RUNNERS,  # predict, serve, export
     "models": run_models,
     "augment": augment_cli.run,
-    "bench": run_bench,
+    "bench": bench_cli.run,
 }
 """Command name -> runner: parsed flags in, exit status out."""
 

@@ -40,35 +40,3 @@ def run(args: argparse.Namespace) -> int:
         rows = augmentation_rows(image, args.crop, samples=args.samples, seed=args.seed)
         print(f"figure: {draw_grid(rows, args.grid)}")
     return 0
-
-
-def add_bench_parser(bench: argparse._SubParsersAction) -> None:
-    """Register ``deepimage bench augment``."""
-    p = bench.add_parser("augment", help="augmentation images/s against albumentations")
-    p.add_argument("--data", required=True, help="folder of photos")
-    p.add_argument("--size", type=int, default=256, help="S (default 256)")
-    p.add_argument("--crop", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--limit", type=int, default=None, help="use the first N photos")
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """Run ``benchmarks/augment.py`` of the source tree this package is installed from."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "augment.py"
-    if not script.is_file():
-        raise ValueError(f"the benchmark needs the source tree: {script} not found")
-    if str(script.parent) not in sys.path:  # the script imports its sibling _common.py
-        sys.path.insert(0, str(script.parent))
-    spec = importlib.util.spec_from_file_location("deepimage_bench_augment", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    argv = ["--data", args.data, "--size", str(args.size), "--crop", str(args.crop)]
-    argv += ["--repeats", str(args.repeats)]
-    if args.limit:
-        argv += ["--limit", str(args.limit)]
-    return module.main(argv)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepimage.augment.rng import keyed_uniform
+from deepimage.rng import Stream, keyed_uniform
 
 
 @dataclass(frozen=True)
@@ -338,7 +338,6 @@ def _normal(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
 # uniforms each augmentation draws per image, in fixed columns of one keyed draw (so changing
 # one augmentation's settings never changes another's draws)
 UNIFORMS = {"crop": 2, "flip": 1, "rotation": 2, "lens": 3, "vignette": 3, "cast": 6, "lighting": 7}
-_STREAM = 21  # keyed_uniform stream of the augmentation parameters (the loader uses 7)
 _BOUNDS = np.cumsum([0, *UNIFORMS.values()])
 _COLUMNS = {name: (int(_BOUNDS[i]), int(_BOUNDS[i + 1])) for i, name in enumerate(UNIFORMS)}
 _TOTAL = int(_BOUNDS[-1])
@@ -347,7 +346,7 @@ _TOTAL = int(_BOUNDS[-1])
 def draw_uniforms(seed: int, epoch: int, rows: np.ndarray | list[int]) -> dict[str, np.ndarray]:
     """Each augmentation's keyed uniforms for ``rows``: ``{name: (n, k)}``, a pure function of
     (seed, epoch, row), one ``keyed_uniform`` stream per augmentation."""
-    u = keyed_uniform(seed, epoch, np.asarray(rows, dtype=np.int64), _TOTAL, stream=_STREAM)
+    u = keyed_uniform(seed, epoch, np.asarray(rows, dtype=np.int64), _TOTAL, stream=Stream.AUGMENT)
     return {name: u[:, a:b] for name, (a, b) in _COLUMNS.items()}
 
 

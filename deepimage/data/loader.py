@@ -15,13 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deepimage.augment.rng import keyed_uniform
+from deepimage.rng import Stream, keyed_uniform, permutation
 
 
 def epoch_order(rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     """``rows`` shuffled by a permutation that depends only on (seed, epoch)."""
-    rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, 0x5EED])
-    return np.asarray(rows)[rng.permutation(len(rows))]
+    return np.asarray(rows)[permutation(seed, epoch, len(rows), Stream.EPOCH_ORDER)]
 
 
 def train_batches(
@@ -51,7 +50,7 @@ def stratified_split(
     rows = np.arange(len(labels))
     if fraction <= 0:
         return rows, rows[:0]
-    score = keyed_uniform(seed, -1, rows, 1, stream=7)[:, 0]
+    score = keyed_uniform(seed, -1, rows, 1, stream=Stream.VAL_SPLIT)[:, 0]
     val = []
     for c in np.unique(labels):
         members = rows[labels == c]

@@ -241,7 +241,7 @@ def write_report(
     out: Path, metrics: dict[str, Any], results: dict[str, Any], labels: list[str]
 ) -> None:
     """metrics.json, per_class.csv, confusion.png and top5_confusion.png in ``out``."""
-    from deepimage.evaluate.report import plot_confusion, plot_top5_histogram, write_per_class_csv
+    from deepimage.report import plot_confusion, plot_top5_histogram, write_per_class_csv
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)

@@ -4,8 +4,8 @@ torchvision/timm models, all built by name through :func:`get_model`."""
 from . import alexnet as _alexnet  # noqa: F401  (registers "alexnet")
 from . import resnet as _resnet  # noqa: F401  (registers "resnet18")
 from . import vgg as _vgg  # noqa: F401  (registers the VGG models)
+from .classifier import ImageClassifier
 from .registry import (
-    ImageClassifier,
     UnknownModelError,
     get_model,
     list_models,

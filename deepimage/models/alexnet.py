@@ -15,8 +15,9 @@ from typing import Any
 
 from torch import nn
 
+from .classifier import ImageClassifier
 from .common import conv_out, fc_head, init_weights, resolve_dropout, scale_width
-from .registry import ImageClassifier, register_model
+from .registry import register_model
 
 CONV_CHANNELS = (96, 256, 384, 384, 256)
 FC_WIDTH = 4096

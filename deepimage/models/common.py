@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import OrderedDict
 
 import torch
 from torch import nn
+
+from deepimage.rng import Stream, active_dropout_keys, unit_uniform
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -42,12 +42,27 @@ def fc_head(in_features: int, hidden: int, num_classes: int, dropout: float) -> 
         nn.Flatten(1),
         nn.Linear(in_features, hidden),
         nn.ReLU(inplace=True),
-        KeyedDropout(dropout, stream=1),
+        KeyedDropout(dropout, Stream.DROPOUT_FC1),
         nn.Linear(hidden, hidden),
         nn.ReLU(inplace=True),
-        KeyedDropout(dropout, stream=2),
+        KeyedDropout(dropout, Stream.DROPOUT_FC2),
         nn.Linear(hidden, num_classes),
     )
+
+
+_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def split_resnet(model: nn.Module, dropout: float = 0.0) -> tuple[nn.Sequential, nn.Sequential]:
+    """Split a torchvision-style ResNet into ``features`` (stem..layer4, named as in the
+    original so weights keep their names) and ``classifier`` (average pool, flatten, [dropout,]
+    fc)."""
+    features = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in _TRUNK))
+    head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+    if dropout > 0:
+        head.append(nn.Dropout(dropout))
+    head.append(model.fc)
+    return features, nn.Sequential(*head)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -83,69 +98,27 @@ def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0, ceil: bo
 
 # --- dropout masks keyed by image, not by process ------------------------------------------
 
-_M32 = 0xFFFFFFFF
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mix on int64 tensors holding values in [0, 2^32).
-
-    Multipliers stay below 2^31, so no product leaves the int64 range: the same bits on any
-    device.
-    """
-    for mult in (0x2C1B3C6D, 0x297A2D39, 0x7FEB352D):
-        x = x ^ (x >> 16)
-        x = (x * mult) & _M32
-    return x ^ (x >> 15)
-
-
-@dataclass
-class _DropoutKeys:
-    rows: torch.Tensor  # int64 (B,): the identity of every image in the batch
-    salt: int
-
-
-_active_keys: _DropoutKeys | None = None
-
-
-@contextlib.contextmanager
-def dropout_keys(rows: torch.Tensor, seed: int, step: int) -> Iterator[None]:
-    """Within this block, :class:`KeyedDropout` draws image ``i``'s mask from
-    (seed, step, rows[i], layer, unit) alone, so masks do not depend on how a global batch is
-    split between processes or micro-batches."""
-    global _active_keys
-    seed_h = int(_hash32(torch.tensor([seed & _M32]))[0])
-    salt = int(_hash32(torch.tensor([seed_h ^ (step & _M32)]))[0])
-    previous = _active_keys
-    _active_keys = _DropoutKeys(torch.as_tensor(rows, dtype=torch.int64).reshape(-1), salt)
-    try:
-        yield
-    finally:
-        _active_keys = previous
-
 
 class KeyedDropout(nn.Dropout):
-    """``nn.Dropout`` whose masks, inside :func:`dropout_keys`, are keyed by image.
+    """``nn.Dropout`` whose masks, inside :func:`deepimage.rng.dropout_keys`, are keyed by image.
 
-    Outside that context it is exactly ``nn.Dropout`` (masks from the global RNG).
+    Unit ``j`` of this layer is unit ``first_unit + j`` of the key: a layer that holds a
+    slice of the units (hybrid parallelism's sharded head) draws the masks one process draws
+    there. Outside that context it is exactly ``nn.Dropout`` (masks from the global RNG).
     """
 
-    def __init__(self, p: float = 0.5, stream: int = 0) -> None:
+    def __init__(self, p: float, stream: Stream | int, first_unit: int = 0) -> None:
         super().__init__(p)
-        self.stream = int(stream)
+        self.stream, self.first_unit = int(stream), int(first_unit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keys = _active_keys
+        keys = active_dropout_keys()
         if keys is None or not self.training or self.p == 0:
             return super().forward(x)
         if keys.rows.numel() != x.shape[0]:
             raise ValueError(
                 f"dropout keys cover {keys.rows.numel()} images, the batch has {x.shape[0]}"
             )
-        per_row = x[0].numel()
-        rows = keys.rows.to(x.device) & _M32
-        base = _hash32(rows ^ _hash32(torch.tensor(keys.salt ^ self.stream, device=x.device)))
-        units = _hash32(torch.arange(per_row, device=x.device, dtype=torch.int64))
-        bits = _hash32(base[:, None] ^ units[None, :])
-        u = (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
+        u = unit_uniform(keys, self.stream, self.first_unit, x[0].numel(), x.device)
         keep = (u >= self.p).view(x.shape)
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))

@@ -28,11 +28,13 @@ import torchvision
 from torch import nn
 from torchvision import models as tvm
 
-from .common import IMAGENET_MEAN, IMAGENET_STD
-from .registry import TIMM_PREFIX, TORCHVISION_PREFIX, ImageClassifier
-from .resnet import split_resnet
+from .classifier import ImageClassifier
+from .common import IMAGENET_MEAN, IMAGENET_STD, split_resnet
 
 logger = logging.getLogger(__name__)
+
+TORCHVISION_PREFIX = "tv:"
+TIMM_PREFIX = "timm:"
 
 _FORBIDDEN = ("weights", "pretrained", "pretrained_cfg_overlay", "checkpoint_path")
 

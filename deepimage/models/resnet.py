@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-from .common import scale_width
-from .registry import ImageClassifier, register_model
-
-_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-
-
-def split_resnet(model: nn.Module, dropout: float = 0.0) -> tuple[nn.Sequential, nn.Sequential]:
-    """Split a torchvision-style ResNet into ``features`` (stem..layer4, named as in the
-    original so weights keep their names) and ``classifier`` (average pool, flatten, [dropout,]
-    fc)."""
-    features = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in _TRUNK))
-    head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
-    if dropout > 0:
-        head.append(nn.Dropout(dropout))
-    head.append(model.fc)
-    return features, nn.Sequential(*head)
+from .classifier import ImageClassifier
+from .common import scale_width, split_resnet
+from .registry import register_model
 
 
 def _scaled_resnet18(num_classes: int, width: float) -> nn.Module:

@@ -12,8 +12,9 @@ from typing import Any
 
 from torch import nn
 
+from .classifier import ImageClassifier
 from .common import fc_head, init_weights, resolve_dropout, scale_width
-from .registry import ImageClassifier, register_model
+from .registry import register_model
 
 M = "M"
 """Marker for a 2x2, stride-2 max-pool in a configuration."""

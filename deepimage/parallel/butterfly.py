@@ -21,15 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from deepimage.parallel import dist as pdist
-from deepimage.parallel.strategy import SyncStrategy, ring_bytes, sgd_update_
-
-# torch 2.14 renames the single-tensor collectives; older versions have only the old names
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from deepimage.parallel.base import SyncStrategy, ring_bytes, sgd_update_
+from deepimage.parallel.collectives import all_gather_into, reduce_scatter_into
 
 
 @dataclass
@@ -130,7 +126,7 @@ class Butterfly(SyncStrategy):
                 if n > 1:
                     self.stats.record("reduce_scatter", ring_bytes("rs", grad.numel() * 4, n))
                     with pdist.guard("reduce_scatter"):
-                        works.append(_reduce_scatter(out, grad, async_op=True))
+                        works.append(reduce_scatter_into(out, grad, async_op=True))
                 else:
                     out.copy_(grad)
                     works.append(None)
@@ -148,7 +144,7 @@ class Butterfly(SyncStrategy):
                 if n > 1:
                     self.stats.record("all_gather", ring_bytes("ag", flat.numel() * 4, n))
                     with pdist.guard("all_gather"):
-                        work = _all_gather(flat, mine.clone(), async_op=True)
+                        work = all_gather_into(flat, mine.clone(), async_op=True)
                 else:
                     work = None
                 gathers.append((b, flat, work))
@@ -170,7 +166,7 @@ class Butterfly(SyncStrategy):
             full = torch.zeros(b.padded, dtype=torch.float32, device=self.device)
             if self.world > 1:
                 with pdist.guard("all_gather(optimizer state)"):
-                    _all_gather(full, shard)
+                    all_gather_into(full, shard)
             else:
                 full.copy_(shard)
             for i, off in zip(b.params, b.offsets):

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from deepimage.parallel import dist as pdist
-from deepimage.parallel.strategy import CommStats, SyncStrategy, ring_bytes
+from deepimage.parallel.base import CommStats, SyncStrategy, ring_bytes
 
 
 def _counting_allreduce_hook(
@@ -32,6 +32,7 @@ class DDPStrategy(SyncStrategy):
     """DistributedDataParallel with ``torch.optim.SGD``; a plain optimizer in one process."""
 
     name = "ddp"
+    steps_optimizer = True
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, *, bucket_mb: float = 25.0

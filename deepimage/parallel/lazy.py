@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deepimage.parallel import dist as pdist
-from deepimage.parallel.strategy import SyncStrategy, ring_bytes, sgd_update_
+from deepimage.parallel.base import SyncStrategy, ring_bytes, sgd_update_
 
 
 @dataclass

@@ -52,11 +52,12 @@ from deepimage.models.transfer import (
     prepare_model,
 )
 from deepimage.parallel import dist as pdist
-from deepimage.parallel.hybrid import build_hybrid, shard_classifier
-from deepimage.parallel.strategy import broadcast_model, build_strategy
+from deepimage.parallel.build import build_sync
+from deepimage.parallel.optim import set_lr
 from deepimage.parallel.sync_bn import convert_sync_batchnorm
 from deepimage.precision import ExecutionChoice, needs_grad_scaler
 from deepimage.precision import resolve as resolve_execution
+from deepimage.rng import seed_global
 from deepimage.runs import (
     CHECKPOINT,
     FINETUNE_REPORT,
@@ -67,7 +68,6 @@ from deepimage.runs import (
     save_state,
     save_weights,
 )
-from deepimage.train.optim import build_optimizer, set_lr
 from deepimage.train.schedule import LRSchedule
 from deepimage.train.step import forward_backward
 
@@ -198,7 +198,7 @@ class Trainer:
                 f"evenly into {self.world} processes x {cfg.accum_steps} micro-batches"
             )
         self.local_batch = cfg.batch_size // self.world
-        torch.manual_seed(cfg.seed)
+        seed_global(cfg.seed)  # weight init; every other draw is keyed (deepimage.rng)
         if self.rank == 0:  # one process prepares the stores, the others then open them
             self.data = prepare_data(cfg)
             pdist.barrier("barrier(prepare data)")
@@ -232,16 +232,12 @@ class Trainer:
                 self.model = convert_sync_batchnorm(self.model)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
-        broadcast_model(self.model)
-        if cfg.parallel == "hybrid":  # this rank keeps 1/N of every FC layer (paper 3.2)
-            shard_classifier(self.model)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.device_cache = self._device_cache()
+        self.sync = build_sync(cfg, self.model)  # broadcast, split, optimizer, strategy
+        self.optimizer = self.sync.optimizer
         self.scaler = None  # fp16: loss scaling, checkpointed with the rest
         if needs_grad_scaler(cfg.precision):
             self.scaler = torch.amp.GradScaler(self.device.type)
-        self.device_cache = self._device_cache()
-        build = build_hybrid if cfg.parallel == "hybrid" else build_strategy
-        self.sync = build(cfg.sync, self.model, self.optimizer, bucket_mb=cfg.bucket_mb)
         self.train_model = self.sync.wrap()
         self.augment = build_train_augment(
             cfg.augment,
@@ -477,7 +473,7 @@ class Trainer:
         self.sync.flush()
         shard = np.array_split(self.data.val_rows, self.world)[self.rank]  # no padding
         batches = eval_batches(shard, max(1, self.cfg.batch_size // self.world))
-        if self.cfg.parallel == "hybrid":  # the split head is collective: equal batch counts
+        if self.sync.collective_forward:  # e.g. hybrid's split head: equal batch counts
             batches = np.array_split(shard, -(-len(self.data.val_rows) // self.cfg.batch_size))
         meter, _ = evaluate_batches(
             self.model,
@@ -612,7 +608,7 @@ class Trainer:
         return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
 
     def _draw_curves(self) -> None:
-        from deepimage.evaluate.report import plot_curves
+        from deepimage.report import plot_curves
 
         if self.rank != 0:
             return

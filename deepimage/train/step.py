@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from deepimage.models.common import dropout_keys
 from deepimage.precision import autocast
+from deepimage.rng import dropout_keys
 
 
 def forward_backward(
@@ -32,7 +32,7 @@ def forward_backward(
 
     ``micro_step(last)`` wraps each micro-batch (a gradient-sync strategy synchronises only
     on the last one); ``dropout_key = (rows, seed, step)`` keys dropout masks by image (see
-    :func:`~deepimage.models.common.dropout_keys`). ``scaler`` scales the loss (fp16; the
+    :func:`~deepimage.rng.dropout_keys`). ``scaler`` scales the loss (fp16; the
     caller steps through it). Returns the summed loss (for logging) and
     the detached float32 logits.
     """

@@ -15,8 +15,8 @@ from deepimage.augment.params import (
     vignette_radii,
     vignette_strengths,
 )
-from deepimage.augment.rng import keyed_uniform
 from deepimage.augment.table import PAPER, count, format_table, table
+from deepimage.rng import keyed_uniform
 
 
 def test_keyed_uniform_depends_only_on_the_key():

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deepimage.evaluate.report import (
+from deepimage.metrics import ClassificationMeter
+from deepimage.report import (
     MAX_CELLS,
     _block_sum,
     plot_confusion,
@@ -13,7 +14,6 @@ from deepimage.evaluate.report import (
     plot_top5_histogram,
     write_per_class_csv,
 )
-from deepimage.metrics import ClassificationMeter
 
 
 def _assert_png(path, min_side=200, min_bytes=5_000):

@@ -17,12 +17,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from deepimage.parallel.hybrid import (
-    HybridStrategy,
-    fc_bytes,
-    shard_bounds,
-    shard_classifier,
-)
+from deepimage.parallel.head import fc_bytes, shard_bounds, shard_classifier
+from deepimage.parallel.hybrid import HybridStrategy
 from deepimage.runs import load_state, save_state
 from tests.parallel import workers
 
@@ -39,7 +35,7 @@ def free_port() -> int:
 
 def _hybrid(sync: str) -> tuple[torch.nn.Module, HybridStrategy]:
     model = workers.build_model()
-    from deepimage.parallel.strategy import broadcast_model
+    from deepimage.parallel.base import broadcast_model
 
     broadcast_model(model)
     shard_classifier(model)
@@ -265,7 +261,7 @@ def test_torchrun_hybrid_resumes_on_one_process_and_loads_unsharded(tmp_path):
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_sent_match_the_scaling_model(spawned, world):
     """Every rank sends exactly what the scaling model's hybrid term predicts."""
-    from deepimage.parallel.scaling import hybrid_bytes
+    from deepimage.parallel.perf_model import hybrid_bytes
 
     _, reports = spawned[world]
     model = workers.build_model()
@@ -281,7 +277,7 @@ def test_scaling_model_reproduces_figure_2a_within_its_exposure_band():
     data parallelism's exchange inside the band the model derives, hybrid wins at every N up to
     16 and loses from 32 (paper Figure 2a); lazy (hides all) and butterfly (hides none)
     bracket the band."""
-    from deepimage.parallel.scaling import (
+    from deepimage.parallel.perf_model import (
         MINWA,
         VGG_A,
         calibrate,

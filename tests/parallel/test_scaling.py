@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deepimage.parallel.scaling import (
+from deepimage.parallel.perf_model import (
     MINWA,
     UTILISATION_PLAUSIBLE,
     VGG_A,

@@ -73,7 +73,8 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
 
 def run_strategies(rank: int, world: int, port: int, out: str) -> None:
     """Train each case for STEPS steps on this rank's slice; check ranks agree every step."""
-    from deepimage.parallel.strategy import broadcast_model, build_strategy
+    from deepimage.parallel.base import broadcast_model
+    from deepimage.parallel.registry import build_strategy
     from deepimage.train.step import forward_backward
 
     setup(rank, world, port)
@@ -182,7 +183,8 @@ def bn_reference_state(dtype: torch.dtype = torch.float32) -> dict[str, torch.Te
 
 def run_sync_bn(rank: int, world: int, port: int, out: str) -> None:
     """Train a batch-norm model with synchronised batch norm under each strategy."""
-    from deepimage.parallel.strategy import broadcast_model, build_strategy
+    from deepimage.parallel.base import broadcast_model
+    from deepimage.parallel.registry import build_strategy
     from deepimage.parallel.sync_bn import convert_sync_batchnorm
     from deepimage.train.step import forward_backward
 

@@ -1,5 +1,8 @@
 """What every gradient-sync strategy shares: the interface, the SGD update, byte accounting.
 
+Strategies are chosen by name in :mod:`deepimage.parallel.registry`; :func:`build_sync` in
+:mod:`deepimage.parallel.build` builds the one a training run asks for.
+
 A strategy owns the exchange of gradients and the optimizer update of one data-parallel
 model; the training loop only calls, per optimizer step::
 
@@ -103,6 +106,12 @@ class SyncStrategy:
     """Base class: hyperparameters come from a ``torch.optim.SGD`` that holds the lr."""
 
     name = "base"
+    steps_optimizer = False
+    """True when :meth:`step` is ``optimizer.step()``: it then updates every parameter the
+    optimizer holds, also those outside this strategy's model (hybrid's FC shards)."""
+    collective_forward = False
+    """True when the trained model's forward is collective: every rank must run it equally
+    often, so evaluation gives every rank the same number of batches."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if len(optimizer.param_groups) != 1:
@@ -191,24 +200,3 @@ def broadcast_model(model: nn.Module, src: int = 0) -> None:
         with torch.no_grad():
             for t, s in zip(tensors, staged):
                 t.copy_(s)
-
-
-STRATEGIES = ("ddp", "butterfly", "lazy")
-
-
-def build_strategy(
-    name: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, bucket_mb: float = 25.0
-) -> SyncStrategy:
-    """The named strategy (``ddp``, ``butterfly`` or ``lazy``) for ``model``."""
-    from deepimage.parallel.butterfly import Butterfly
-    from deepimage.parallel.ddp import DDPStrategy
-    from deepimage.parallel.lazy import LazyUpdate
-
-    factories = {
-        "ddp": lambda: DDPStrategy(model, optimizer, bucket_mb=bucket_mb),
-        "butterfly": lambda: Butterfly(model, optimizer, bucket_mb=bucket_mb),
-        "lazy": lambda: LazyUpdate(model, optimizer),
-    }
-    if name not in factories:
-        raise ValueError(f"unknown sync strategy {name!r}; known: {', '.join(factories)}")
-    return factories[name]()

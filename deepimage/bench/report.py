@@ -1,11 +1,15 @@
-"""Shared reporting for benchmarks: machine, versions, medians and spread over repeats."""
+"""The one report writer of the benchmarks: machine, versions, medians and spread over repeats,
+and the JSON table a harness leaves behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import sys
+from pathlib import Path
+from typing import Any
 
 
 def machine() -> str:
@@ -60,3 +64,10 @@ def header(title: str) -> None:
     print(f"machine : {machine()}")
     print(f"cpu     : {cpu_line()}")
     print(f"versions: {versions()}")
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    """Write a harness's result table as indented JSON; return the path."""
+    path = Path(path)
+    path.write_text(json.dumps(result, indent=2))
+    return path

@@ -4,8 +4,8 @@ Both modes train the same model on the same per-rank batch with ddp conv sync, i
 processes each, and report per rank: the median step time (and its spread), the FC parameter
 and optimizer-state bytes this rank holds, the activations saved for backward (FC part and
 total, counted with saved-tensor hooks, each storage once), and the bytes sent per step (ring
-accounting, see :mod:`deepimage.parallel.strategy`). The bytes each hybrid rank sends are also
-predicted from the layer sizes by :func:`deepimage.parallel.scaling.hybrid_bytes`, the term the
+accounting, see :mod:`deepimage.parallel.base`). The bytes each hybrid rank sends are also
+predicted from the layer sizes by :func:`deepimage.parallel.perf_model.hybrid_bytes`, the term the
 scaling model uses, so the table checks that term.
 """
 
@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from deepimage.bench.spawn import rank_env, spawn
 
 
 @dataclass
@@ -32,12 +33,6 @@ class HybridSpec:
     steps: int = 5
     warmup: int = 2
     rounds: int = 3  # data and hybrid alternate, round after round, so load hits both alike
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _SavedBytes:
@@ -64,13 +59,14 @@ def _measure(rank: int, world: int, port: int, mode: str, spec: HybridSpec, out:
     import torch
 
     if mode != "compute":
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        rank_env(rank, world, port)
     torch.set_num_threads(1)
     from deepimage.models import get_model
     from deepimage.parallel import dist as pdist
-    from deepimage.parallel.hybrid import build_hybrid, fc_bytes, shard_classifier
-    from deepimage.parallel.strategy import broadcast_model, build_strategy
+    from deepimage.parallel.base import broadcast_model
+    from deepimage.parallel.head import fc_bytes, shard_classifier
+    from deepimage.parallel.hybrid import build_hybrid
+    from deepimage.parallel.registry import build_strategy
     from deepimage.train.step import forward_backward
 
     pdist.init_distributed(torch.device("cpu"), timeout=300)
@@ -151,7 +147,7 @@ def _link(world: int, big: int = 2**21) -> dict[str, float] | None:
     import torch
     import torch.distributed as dist
 
-    from deepimage.parallel.hybrid import _all_gather
+    from deepimage.parallel.collectives import all_gather_into
 
     if world == 1:
         return None
@@ -162,7 +158,7 @@ def _link(world: int, big: int = 2**21) -> dict[str, float] | None:
         dist.barrier()
         start = time.perf_counter()
         for _ in range(repeats):
-            _all_gather(out, x)
+            all_gather_into(out, x)
         return (time.perf_counter() - start) / repeats
 
     latency = timed(2, 20) / (world - 1)
@@ -196,19 +192,16 @@ def bench_hybrid(procs: list[int], spec: HybridSpec, out_dir: Path) -> dict[str,
     """Measure data and hybrid at every N, alternating, ``spec.rounds`` times; one row per
     (mode, N) with the worst rank's figures and the median (and range) over rounds of the
     slowest rank's median step."""
-    import torch.multiprocessing as mp
-
-    from deepimage.parallel.scaling import hybrid_bytes
+    from deepimage.parallel.perf_model import hybrid_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["OMP_NUM_THREADS"] = "1"
     fcs, conv_params = fc_layer_sizes(spec)
     runs: dict[tuple[int, str], list[list[dict]]] = {}
     for _ in range(spec.rounds):
         for n in procs:
             for mode in ("compute", "data", "hybrid"):
                 path = out_dir / f"{mode}-{n}.json"
-                mp.spawn(_measure, args=(n, _free_port(), mode, spec, str(path)), nprocs=n)
+                spawn(_measure, n, mode, spec, str(path))
                 ranks = [json.loads(Path(f"{path}.{r}").read_text()) for r in range(n)]
                 runs.setdefault((n, mode), []).append(ranks)
     compute = {
@@ -245,13 +238,13 @@ def validate_local(result: dict[str, Any]) -> dict[str, Any]:
     Nothing is fitted to the runs being predicted. The link is measured in the same processes
     after the timed steps: latency from 8-byte all-gathers, bandwidth from 8 MiB ones. Hybrid's
     activation exchange is predicted as ``collectives x (N-1) x latency + bytes / bandwidth``
-    (:func:`~deepimage.parallel.scaling.hybrid_collectives`,
-    :func:`~deepimage.parallel.scaling.hybrid_activation_bytes`). Step times add compute
+    (:func:`~deepimage.parallel.perf_model.hybrid_collectives`,
+    :func:`~deepimage.parallel.perf_model.hybrid_activation_bytes`). Step times add compute
     measured at N (N independent processes side by side, so the sharing of the cores is in
     the baseline); ddp's gradient all-reduces, data parallelism's and hybrid's conv ones, hide
     behind the backward pass (two thirds of the compute).
     """
-    from deepimage.parallel.scaling import hybrid_activation_bytes, hybrid_collectives
+    from deepimage.parallel.perf_model import hybrid_activation_bytes, hybrid_collectives
 
     spec = HybridSpec(**result["spec"])
     fcs, _ = fc_layer_sizes(spec)

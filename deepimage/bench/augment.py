@@ -21,7 +21,7 @@ same probabilities and ranges. One process, one thread (``torch.set_num_threads(
 Paths run interleaved, 64 photos at a time, over all photos ``--repeats`` times; medians,
 spread and ratios are printed, and the last line is JSON.
 
-    python benchmarks/augment.py --data ../shared/datasets/imagenet-sample --size 256
+    deepimage bench augment --data ../shared/datasets/imagenet-sample --size 256
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ import numpy as np
 import torch
 
 from deepimage.augment.pipeline import build_train_augment
+from deepimage.bench.report import header, spread
 from deepimage.data.decode import open_image
-
-from _common import header, spread
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

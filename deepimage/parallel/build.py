@@ -1,0 +1,49 @@
+"""The one place a training run's parallel strategy is chosen: :func:`build_sync`.
+
+``--parallel`` takes its choices from :data:`PARALLELS`: ``data`` replicates the model on
+every rank; ``hybrid`` (paper 3.2) first cuts the FC classifier to this rank's rows. Either
+way the optimizer is built over what this rank trains, and the ``--sync`` strategy
+(:mod:`deepimage.parallel.registry`) exchanges the gradients and applies the update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from deepimage.config import TrainConfig
+from deepimage.parallel.base import SyncStrategy, broadcast_model
+from deepimage.parallel.head import shard_classifier
+from deepimage.parallel.hybrid import HybridStrategy
+from deepimage.parallel.optim import build_optimizer
+from deepimage.parallel.registry import build_strategy
+
+
+def _data(cfg: TrainConfig, model: nn.Module) -> SyncStrategy:
+    optimizer = build_optimizer(model, cfg)
+    return build_strategy(cfg.sync, model, optimizer, bucket_mb=cfg.bucket_mb)
+
+
+def _hybrid(cfg: TrainConfig, model: nn.Module) -> SyncStrategy:
+    shard_classifier(model)  # this rank keeps 1/N of every FC layer (paper 3.2)
+    optimizer = build_optimizer(model, cfg)
+    return HybridStrategy(model, optimizer, cfg.sync, bucket_mb=cfg.bucket_mb)
+
+
+PARALLELS: dict[str, Callable[[TrainConfig, nn.Module], SyncStrategy]] = {
+    "data": _data,
+    "hybrid": _hybrid,
+}
+
+
+def build_sync(cfg: TrainConfig, model: nn.Module) -> SyncStrategy:
+    """Start every rank from rank 0's weights, split the model as ``cfg.parallel`` says,
+    build the optimizer and the ``cfg.sync`` strategy over it.
+
+    The strategy's ``optimizer`` holds the learning rate, ``wrap()`` is the module to train.
+    """
+    if cfg.parallel not in PARALLELS:
+        raise ValueError(f"unknown parallel mode {cfg.parallel!r}; known: {', '.join(PARALLELS)}")
+    broadcast_model(model)
+    return PARALLELS[cfg.parallel](cfg, model)
