@@ -10,30 +10,13 @@ import pytest
 import torch
 
 from deepimage.ensemble import ENSEMBLE_FILE, expand_sources, load_members, write_manifest
-from deepimage.models import get_model
-from deepimage.runs import WEIGHTS, CheckpointError, save_weights
+from deepimage.runs import CheckpointError
+from tests.helpers import make_run
 
 
 def fake_run(run: Path, classes: list[str], size: int = 40, seed: int = 0) -> Path:
-    """A finished run folder holding a tiny randomly initialised model."""
-    torch.manual_seed(seed)
-    model = get_model("vgg16_deepimage", num_classes=len(classes), image_size=32, width=0.0625)
-    with torch.no_grad():  # spread the logits, so posteriors differ visibly between models
-        model.classifier[-1].weight.mul_(300.0)
-    meta = {
-        "model": "vgg16_deepimage",
-        "model_kwargs": {"width": 0.0625, "dropout": None},
-        "classes": classes,
-        "class_names": {},
-        "size": size,
-        "crop": 32,
-        "resize_mode": "stretch",
-        "mean": list(model.mean),
-        "std": list(model.std),
-        "precision": "fp32",
-    }
-    save_weights(run / WEIGHTS, model, meta)
-    return run
+    """A finished run folder holding a tiny model with distinct answers per photo."""
+    return make_run(run, classes, size=size, width=0.0625, seed=seed)
 
 
 @pytest.fixture

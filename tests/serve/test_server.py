@@ -9,7 +9,9 @@ import time
 import httpx
 import pytest
 
-from .conftest import jpeg_bytes, start_server
+from tests.helpers import photo_jpeg
+
+from .conftest import label, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +23,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(run_dir):
         results: list[httpx.Response] = []
 
         def send(seed: int) -> None:
-            results.append(httpx.post(f"{url}/predict", content=jpeg_bytes(seed), timeout=30))
+            results.append(httpx.post(f"{url}/predict", content=photo_jpeg(seed), timeout=30))
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
         for t in threads:
@@ -32,6 +34,9 @@ def test_sigterm_finishes_in_flight_requests_then_exits(run_dir):
             t.join(30)
         assert [r.status_code for r in results] == [200, 200, 200]
         assert all(len(r.json()["top"]) == 3 for r in results)
+        assert sorted(r.json()["top"][0]["class_id"] for r in results) == [
+            label(i) for i in range(3)
+        ]
         # uvicorn re-raises the signal after its graceful shutdown, as a SIGTERMed process should
         assert proc.wait(30) in (0, -signal.SIGTERM)
         output = proc.stdout.read()

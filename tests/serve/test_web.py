@@ -10,7 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import IMAGENET_SAMPLE, free_port, jpeg_bytes
+from tests.helpers import photo_jpeg
+
+from .conftest import IMAGENET_SAMPLE, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
@@ -53,7 +55,7 @@ def photo_file(tmp_path) -> Path:
         first = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))[0]
         return Path(shutil.copy(first, tmp_path / first.name))
     path = tmp_path / "photo.jpg"
-    path.write_bytes(jpeg_bytes(42, (320, 240)))
+    path.write_bytes(photo_jpeg(42, (320, 240)))
     return path
 
 
