@@ -8,6 +8,7 @@ resumes from a checkpoint written at another world size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from pathlib import Path
@@ -47,8 +48,15 @@ def _hybrid(sync: str) -> tuple[torch.nn.Module, HybridStrategy]:
     return model, HybridStrategy(model, opt, sync, bucket_mb=0.05)
 
 
-def _train(strategy: HybridStrategy, steps: range, accum: int = 1) -> list[bool]:
-    """Train on this rank's slice of each global batch; return 'ranks agree on the trunk'."""
+def _train(
+    strategy: HybridStrategy,
+    steps: range,
+    accum: int = 1,
+    wire: workers.WireCounter | None = None,
+) -> list[bool]:
+    """Train on this rank's slice of each global batch; return 'ranks agree on the trunk'.
+
+    ``wire`` counts the bytes of the training steps' collectives (not of the check)."""
     from deepimage.parallel import dist as pdist
     from deepimage.train.step import forward_backward
 
@@ -59,13 +67,14 @@ def _train(strategy: HybridStrategy, steps: range, accum: int = 1) -> list[bool]
     identical = []
     for step in steps:
         x, y, rows = workers.batch(step)
-        forward_backward(
-            train_model, x[lo:hi], y[lo:hi], accum_steps=accum, precision="fp32",
-            micro_step=strategy.micro_step, dropout_key=(rows[lo:hi], workers.SEED, step),
-        )  # fmt: skip
-        strategy.step()
-        strategy.zero_grad()
-        strategy.flush()
+        with wire.counting() if wire is not None else contextlib.nullcontext():
+            forward_backward(
+                train_model, x[lo:hi], y[lo:hi], accum_steps=accum, precision="fp32",
+                micro_step=strategy.micro_step, dropout_key=(rows[lo:hi], workers.SEED, step),
+            )  # fmt: skip
+            strategy.step()
+            strategy.zero_grad()
+            strategy.flush()
         if world > 1:
             flat = torch.cat([p.detach().reshape(-1) for p in strategy.model.features.parameters()])
             gathered = [torch.empty_like(flat) for _ in range(world)]
@@ -82,23 +91,27 @@ def run_hybrid(rank: int, world: int, port: int, out: str, resume_from: str) -> 
     """Every case for STEPS steps; then resume a checkpoint written at another world size."""
     from deepimage.parallel import dist as pdist
 
+    wire = workers.WireCounter()
+    wire.install()
     workers.setup(rank, world, port)
     out_dir = Path(out)
     report: dict = {}
     for sync, accum in CASES:
         case = f"{sync}-accum{accum}"
         model, strategy = _hybrid(sync)
-        identical = _train(strategy, range(RESUME_AT), accum)
+        wire.take()
+        identical = _train(strategy, range(RESUME_AT), accum, wire)
         state = _checkpoint(strategy)  # collective: every rank gathers
         if rank == 0 and case == "ddp-accum1":
             save_state(out_dir / "checkpoint.safetensors", state)
-        identical += _train(strategy, range(RESUME_AT, workers.STEPS), accum)
+        identical += _train(strategy, range(RESUME_AT, workers.STEPS), accum, wire)
         full = strategy.model_state_dict()
         report[case] = {
             "identical": identical,
             "fc_bytes": fc_bytes(strategy.head),
             "fc_momentum_numel": [0 if m is None else m.numel() for m in strategy.fc_momentum],
             "bytes": strategy.stats.bytes_sent,
+            "wire": wire.take(),
         }
         if rank == 0:
             save_file(
@@ -264,7 +277,8 @@ def test_torchrun_hybrid_resumes_on_one_process_and_loads_unsharded(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_sent_match_the_scaling_model(spawned, world):
-    """Every rank sends exactly what the scaling model's hybrid term predicts."""
+    """Every rank sends what the scaling model's hybrid term predicts, counted where the
+    collectives are issued (``workers.WireCounter``); the strategy's counter agrees."""
     from deepimage.parallel.scaling import hybrid_bytes
 
     _, reports = spawned[world]
@@ -273,7 +287,9 @@ def test_bytes_sent_match_the_scaling_model(spawned, world):
     conv = sum(p.numel() * 4 for p in model.features.parameters())
     per_step = hybrid_bytes(fcs, conv, workers.GLOBAL_BATCH // world, world)
     for report in reports:
-        assert report["ddp-accum1"]["bytes"] == pytest.approx(workers.STEPS * per_step)
+        assert report["ddp-accum1"]["wire"] == pytest.approx(workers.STEPS * per_step)
+        for case in report:
+            assert report[case]["bytes"] == pytest.approx(report[case]["wire"], rel=1e-9)
 
 
 def test_scaling_model_reproduces_figure_2a_within_its_exposure_band():

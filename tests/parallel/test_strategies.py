@@ -53,17 +53,23 @@ def test_same_weights_as_one_process(spawned, reference, case):
         assert all(report[case]["identical"]), f"{case}: ranks disagree (rank {rank})"
 
 
-def test_butterfly_sends_2_n_minus_1_over_n_of_the_gradient(spawned):
+def test_bytes_counted_at_the_collectives(spawned):
+    """Bytes counted where the collectives are issued (see ``workers.WireCounter``): lazy
+    update and ddp send 2 (N - 1) / N of the gradient per step, butterfly the same plus at
+    most the padding of its buckets; each strategy's own counter reports what was sent."""
     world, _, reports = spawned
     for report in reports:
-        info = report["butterfly-accum1"]
-        grad_bytes, buckets = info["grad_bytes"], len(info["ownership"])
+        grad_bytes = report["ddp-accum1"]["grad_bytes"]
         expected = 2 * (world - 1) / world * grad_bytes
+        for case in ("ddp-accum1", "lazy-accum1", "lazy-accum2", "ddp-accum2"):
+            assert report[case]["wire"] == [expected] * workers.STEPS, case
+        buckets = len(report["butterfly-accum1"]["ownership"])
         padding = 2 * (world - 1) / world * buckets * (world - 1) * 4  # < N elements a bucket
-        for sent in info["bytes"]:
-            assert expected <= sent <= expected + padding
-        lazy = report["lazy-accum1"]["bytes"]
-        assert lazy == [expected] * len(lazy)  # ring all-reduce, no padding
+        for case in ("butterfly-accum1", "butterfly-accum2"):
+            for sent in report[case]["wire"]:
+                assert expected <= sent <= expected + padding, case
+        for case, info in report.items():
+            assert info["bytes"] == pytest.approx(info["wire"], rel=1e-9), case
 
 
 def test_butterfly_ownership_is_explicit_and_sharded(spawned):
