@@ -19,6 +19,8 @@ from tests.helpers import photo_jpeg
 
 from .conftest import IMAGENET_SAMPLE, label
 
+pytestmark = pytest.mark.slow  # exports and runs onnxruntime
+
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -11,6 +12,8 @@ from deepimage.data.loader import DeviceCache, iterate_batches, train_batches
 from deepimage.data.store import store_for
 from deepimage.train.loop import Trainer, train
 from tests.data.messy import write_flat_folder
+
+pytestmark = pytest.mark.slow  # trains twice for a bitwise comparison
 
 
 def config(data, out, cache, **extra):

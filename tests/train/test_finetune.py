@@ -25,6 +25,8 @@ from deepimage.train.finetune import (
 from tests.test_ensemble import fake_run
 from tests.train.test_multiscale import noise_folder
 
+pytestmark = pytest.mark.slow  # trains, resumes and fine-tunes
+
 HEAD = "classifier.7"  # the softmax layer of the deepimage VGG
 
 

@@ -17,6 +17,8 @@ from deepimage.ensemble import expand_sources, load_members
 from deepimage.train.loop import RunExistsError, train
 from deepimage.train.multiscale import member_configs, train_multiscale
 
+pytestmark = pytest.mark.slow  # trains one model per size
+
 
 def noise_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 48) -> Path:
     rng = np.random.default_rng(0)
