@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +21,8 @@ from PIL import Image
 
 from deepimage.models import get_model
 from deepimage.runs import WEIGHTS, save_weights
+
+T = TypeVar("T")
 
 # --------------------------------------------------------------------------- photos
 
@@ -170,3 +174,34 @@ def make_run(
     path.mkdir(parents=True, exist_ok=True)
     save_weights(path / WEIGHTS, net, meta)
     return path
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def wait_until(
+    condition: Callable[[], T],
+    timeout: float,
+    what: str,
+    alive: Callable[[], bool] | None = None,
+    interval: float = 0.02,
+) -> T:
+    """Poll ``condition`` until it returns a true value, and return that value.
+
+    Raises :class:`TimeoutError` naming ``what`` after ``timeout`` seconds, or
+    :class:`AssertionError` as soon as ``alive`` (e.g. "the child process still runs") fails.
+    Exceptions from ``condition`` count as "not yet" (a file half written, a server not up).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive is not None:
+            assert alive(), f"gave up waiting for {what}: the process ended"
+        try:
+            value = condition()
+        except Exception:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from deepimage.runs import load_state
+from tests.helpers import wait_until
 from tests.train.test_resume import env, train_cmd, write_noise_folder
 
 pytestmark = pytest.mark.slow
@@ -86,15 +86,12 @@ def test_sigkill_one_worker_restarts_and_ends_identical(runs):
     out = root / "killed"
     cmd = torchrun("--max-restarts", "1", *module_cmd(train_cmd(data, out, cache, *FLAGS)))
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while True:
-        assert time.time() < deadline and proc.poll() is None, "never reached step 5"
-        try:
-            if load_state(out / "checkpoint.safetensors")["global_step"] >= 5:
-                break
-        except Exception:
-            pass
-        time.sleep(0.02)
+    wait_until(
+        lambda: load_state(out / "checkpoint.safetensors")["global_step"] >= 5,
+        120,
+        "a checkpoint at step 5",
+        alive=lambda: proc.poll() is None,
+    )
     pids = worker_pids(proc.pid)
     assert set(pids) == {0, 1}
     os.kill(pids[1], signal.SIGKILL)  # rank 1 dies in the middle of epoch 1 (8 steps)

@@ -72,7 +72,6 @@ def start_server(source: Path, *extra: str, timeout: float = 90.0):
     import os
     import subprocess
     import sys
-    import time
 
     import httpx
 
@@ -84,14 +83,17 @@ def start_server(source: Path, *extra: str, timeout: float = 90.0):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become healthy in time")
+
+    try:
+        helpers.wait_until(
+            lambda: httpx.get(f"{url}/health", timeout=1).status_code == 200,
+            timeout,
+            "the server to answer /health",
+            alive=lambda: proc.poll() is None,
+        )
+    except AssertionError:
+        raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}") from None
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc, url

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import photo_jpeg
+from tests.helpers import photo_jpeg, wait_until
 
 from .conftest import IMAGENET_SAMPLE, free_port
 
@@ -40,9 +39,7 @@ def server(run_dir):
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: srv.started, 30, "uvicorn to start")
     yield url
     srv.should_exit = True
     thread.join(10)

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from deepimage.runs import load_state
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -62,17 +62,15 @@ def reference(tmp_path_factory):
 
 
 def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "training ended before it could be interrupted"
-        try:
-            state = load_state(run / "checkpoint.safetensors")
-            if state["global_step"] >= step:
-                return int(state["global_step"])
-        except Exception:
-            pass
-        time.sleep(0.02)
-    raise TimeoutError(f"no checkpoint at step {step}")
+    """The step of the first checkpoint at or after ``step`` (the process must still run)."""
+
+    def reached() -> int:
+        done = int(load_state(run / "checkpoint.safetensors")["global_step"])
+        return done if done >= step else 0
+
+    return wait_until(
+        reached, timeout, f"a checkpoint at step {step}", alive=lambda: proc.poll() is None
+    )
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -96,8 +94,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(reference):
     for kill_at in (4, 13):
         proc = subprocess.Popen(cmd + (["--resume"] if out.exists() else []), env=env())
         reached = wait_for_step(out, kill_at, proc)
-        time.sleep(0.05 * (kill_at % 3))  # land anywhere inside the next step
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL)  # inside the step after that checkpoint
         proc.wait()
         assert proc.returncode == -signal.SIGKILL
         assert reached % 8 != 0  # 64 training images, 8 steps per epoch: mid-epoch
