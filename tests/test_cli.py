@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from deepimage.cli import main
-from tests.data.messy import make_messy_folder
+from tests.helpers.messy import make_messy_folder
 
 TINY = ["--model", "vgg16_deepimage", "--width", "0.0625", "--size", "40", "--crop", "32"]
 
@@ -165,7 +165,7 @@ def test_corrupted_weights_give_a_clear_error(tmp_path, capsys):
 def test_dense_at_the_crop_size_equals_center_and_tta_combines(tmp_path, capsys):
     """Images stored at exactly the crop size: dense evaluation sees the centre crop."""
     from deepimage.evaluate.evaluate import evaluate
-    from tests.data.messy import write_flat_folder
+    from tests.helpers import write_flat_folder
 
     data = write_flat_folder(tmp_path / "d", {"a": 6, "b": 6, "c": 6})
     run = tmp_path / "run"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,16 +12,16 @@ from deepimage.ensemble import ENSEMBLE_FILE, expand_sources, load_members, writ
 from deepimage.runs import CheckpointError
 from tests.helpers import make_run
 
-
-def fake_run(run: Path, classes: list[str], size: int = 40, seed: int = 0) -> Path:
-    """A finished run folder holding a tiny model with distinct answers per photo."""
-    return make_run(run, classes, size=size, width=0.0625, seed=seed)
+TINY = 0.0625  # width of the members' VGG
 
 
 @pytest.fixture
 def ensemble(tmp_path):
     root = tmp_path / "ens"
-    members = [fake_run(root / "s40", ["a", "b"], 40, 0), fake_run(root / "s48", ["a", "b"], 48, 1)]
+    members = [
+        make_run(root / "s40", ["a", "b"], size=40, width=TINY, seed=0),
+        make_run(root / "s48", ["a", "b"], size=48, width=TINY, seed=1),
+    ]
     return root, members, write_manifest(root, members, note="test")
 
 
@@ -67,8 +66,8 @@ def test_load_members_gives_models_in_eval_mode_with_meta(ensemble):
 
 
 def test_differing_classes_are_refused(tmp_path):
-    a = fake_run(tmp_path / "a", ["x", "y"])
-    b = fake_run(tmp_path / "b", ["x", "z"])
+    a = make_run(tmp_path / "a", ["x", "y"], width=TINY)
+    b = make_run(tmp_path / "b", ["x", "z"], width=TINY)
     with pytest.raises(CheckpointError, match="classes differ") as err:
         load_members([a, b])
     assert str(b) in str(err.value) and "\n" not in str(err.value)

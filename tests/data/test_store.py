@@ -26,7 +26,7 @@ from deepimage.data import (
     split_index,
     store_for,
 )
-from tests.data.messy import write_flat_folder
+from tests.helpers import write_flat_folder
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,8 +14,7 @@ from deepimage.data.decode import decode_image
 from deepimage.ensemble import write_manifest
 from deepimage.evaluate.evaluate import Evaluation, evaluate
 from deepimage.runs import load_model
-from tests.helpers import write_photo_folder
-from tests.test_ensemble import fake_run
+from tests.helpers import make_run, write_photo_folder
 
 KW = {"batch_size": 4, "workers": 0, "device": "cpu", "progress": False, "precision": "fp32"}
 
@@ -24,8 +23,10 @@ KW = {"batch_size": 4, "workers": 0, "device": "cpu", "progress": False, "precis
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ens_eval")
     data = write_photo_folder(root / "data", {"a": 4, "b": 3}, size=36)
-    members = [fake_run(root / "ens" / "s40", ["a", "b"], 40, 0),
-               fake_run(root / "ens" / "s48", ["a", "b"], 48, 1)]  # fmt: skip
+    members = [
+        make_run(root / "ens" / f"s{size}", ["a", "b"], size=size, width=0.0625, seed=seed)
+        for seed, size in enumerate((40, 48))
+    ]
     write_manifest(root / "ens", members)
     return root, data, members
 
@@ -99,7 +100,7 @@ def test_cli_prints_members_and_ensemble(setup, tmp_path, capsys):
 
 def test_mismatched_members_are_refused(setup, tmp_path, capsys):
     root, data, members = setup
-    other = fake_run(tmp_path / "other", ["a", "c"])
+    other = make_run(tmp_path / "other", ["a", "c"], width=0.0625)
     argv = ["evaluate", str(members[0]), str(other), "--data", str(data), "--device", "cpu"]
     assert main(argv) == 2
     assert "classes differ" in capsys.readouterr().err

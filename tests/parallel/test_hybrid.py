@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,17 +24,12 @@ from deepimage.parallel.hybrid import (
     shard_classifier,
 )
 from deepimage.runs import load_state, save_state
+from tests.helpers import free_port, max_relative_error
 from tests.parallel import workers
 
 RTOL = 1e-5  # max |w - w_ref| / max |w_ref|, per tensor
 CASES = [("ddp", 1), ("butterfly", 1), ("lazy", 1), ("ddp", 2)]
 RESUME_AT = 1  # the checkpoint is written after this many steps
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _hybrid(sync: str) -> tuple[torch.nn.Module, HybridStrategy]:
@@ -164,20 +158,12 @@ def spawned(tmp_path_factory, one_process_checkpoint):
     return runs
 
 
-def _max_error(weights: dict, reference: dict) -> float:
-    assert weights.keys() == reference.keys()
-    return max(
-        float((weights[k] - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
-        for k, ref in reference.items()
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", [f"{s}-accum{a}" for s, a in CASES])
 def test_same_weights_as_one_process(spawned, reference, world, case):
     out, reports = spawned[world]
-    err = _max_error(load_file(out / f"{case}.safetensors"), reference)
+    err = max_relative_error(load_file(out / f"{case}.safetensors"), reference)
     assert err <= RTOL, f"hybrid {case} at N={world}: off by {err:.2e} (relative)"
     for rank, report in enumerate(reports):
         assert all(report[case]["identical"]), f"{case}: trunks differ (rank {rank})"
@@ -204,14 +190,14 @@ def test_fc_parameters_and_optimizer_state_split_evenly(spawned, world):
 @pytest.mark.parametrize("sync", ["ddp", "butterfly"])
 def test_resume_on_another_world_size(spawned, reference, world, sync):
     out, _ = spawned[world]
-    err = _max_error(load_file(out / f"resumed-{sync}.safetensors"), reference)
+    err = max_relative_error(load_file(out / f"resumed-{sync}.safetensors"), reference)
     assert err <= RTOL, f"resumed at N={world} ({sync}): off by {err:.2e}"
 
 
 def test_one_process_hybrid_equals_plain_training(reference):
     _, strategy = _hybrid("ddp")
     _train(strategy, range(workers.STEPS))
-    assert _max_error(strategy.model_state_dict(), reference) <= RTOL
+    assert max_relative_error(strategy.model_state_dict(), reference) <= RTOL
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
@@ -254,7 +240,7 @@ def test_torchrun_hybrid_resumes_on_one_process_and_loads_unsharded(tmp_path):
 
     from deepimage.cli import main
     from deepimage.runs import load_model
-    from tests.train.test_resume import env, train_cmd, write_noise_folder
+    from tests.helpers import env, train_cmd, write_noise_folder
 
     data = write_noise_folder(tmp_path / "data")
     cache = tmp_path / "cache"
@@ -268,7 +254,7 @@ def test_torchrun_hybrid_resumes_on_one_process_and_loads_unsharded(tmp_path):
     assert load_state(tmp_path / "hybrid" / "checkpoint.safetensors")["step_in_epoch"] == 3
     assert main([*hybrid[3:], "--resume", "--max-steps", "8"]) == 0
     weights = load_file(tmp_path / "hybrid" / "model.safetensors")
-    assert _max_error(weights, load_file(tmp_path / "single" / "model.safetensors")) <= RTOL
+    assert max_relative_error(weights, load_file(tmp_path / "single" / "model.safetensors")) <= RTOL
     model, meta = load_model(tmp_path / "hybrid")
     assert meta["model"] == "vgg16_deepimage"
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)

@@ -8,24 +8,18 @@ dropout 0.5 keyed by image) on its slice of each global batch of 8.
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from tests.helpers import free_port, relative_error
 from tests.parallel import workers
 
 pytestmark = pytest.mark.slow
 
 RTOL = 1e-5  # max |w - w_ref| / max |w_ref|, per tensor
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def test_same_weights_as_one_process(spawned, reference, case):
     world, out, reports = spawned
     weights = load_file(out / f"{case}.safetensors")
     for key, ref in reference.items():
-        err = float((weights[key] - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        err = relative_error(weights[key], ref)
         assert err <= RTOL, f"{case} at N={world}: {key} off by {err:.2e} (relative)"
     for rank, report in enumerate(reports):
         assert all(report[case]["identical"]), f"{case}: ranks disagree (rank {rank})"
@@ -101,8 +95,7 @@ def test_butterfly_ownership_is_explicit_and_sharded(spawned):
     gathered = load_file(out / "butterfly-accum1-momentum.safetensors")
     for i, p in enumerate(ref_model.parameters()):
         ref = opt.state[p]["momentum_buffer"]
-        err = float((gathered[str(i)] - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
-        assert err <= RTOL
+        assert relative_error(gathered[str(i)], ref) <= RTOL
 
 
 def test_lazy_leaves_exchanges_in_flight_after_backward(spawned):

@@ -21,8 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from deepimage.runs import load_state
-from tests.helpers import wait_until
-from tests.train.test_resume import env, train_cmd, write_noise_folder
+from tests.helpers import env, max_relative_error, train_cmd, wait_until, write_noise_folder
 
 pytestmark = pytest.mark.slow
 
@@ -49,12 +48,6 @@ def runs(tmp_path_factory):
     two = torchrun(*module_cmd(train_cmd(data, root / "two", cache, *FLAGS)))
     subprocess.run(two, check=True, env=env(), timeout=300, capture_output=True)
     return root, data, cache
-
-
-def max_relative_error(a: Path, b: Path) -> float:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max() / wb[k].abs().max().clamp(min=1e-12)) for k in wa)
 
 
 def test_two_processes_match_one(runs):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests import helpers
-from tests.helpers import photo_class, photo_jpeg
+from tests.helpers import free_port, photo_class, photo_jpeg
 
 CLASSES = ["n01", "n02", "n03"]
 NAMES = {"n01": "tench, Tinca tinca", "n02": "goldfish", "n03": "great white shark"}
@@ -54,14 +54,6 @@ def image_folder(tmp_path) -> Path:
     (root / "notes.txt").write_text("not an image\n")
     (root / "empty.png").write_bytes(b"")
     return root
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(source: Path, *extra: str, timeout: float = 90.0):

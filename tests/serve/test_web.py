@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import photo_jpeg, wait_until
+from tests.helpers import free_port, photo_jpeg, wait_until
 
-from .conftest import IMAGENET_SAMPLE, free_port
+from .conftest import IMAGENET_SAMPLE
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [

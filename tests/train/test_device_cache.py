@@ -11,7 +11,7 @@ from deepimage.config import resolve_config
 from deepimage.data.loader import DeviceCache, iterate_batches, train_batches
 from deepimage.data.store import store_for
 from deepimage.train.loop import Trainer, train
-from tests.data.messy import write_flat_folder
+from tests.helpers import write_flat_folder
 
 pytestmark = pytest.mark.slow  # trains twice for a bitwise comparison
 

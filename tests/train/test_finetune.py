@@ -22,8 +22,7 @@ from deepimage.train.finetune import (
     set_trainable,
     weight_layers,
 )
-from tests.test_ensemble import fake_run
-from tests.train.test_multiscale import noise_folder
+from tests.helpers import make_run, write_noise_folder
 
 pytestmark = pytest.mark.slow  # trains, resumes and fine-tunes
 
@@ -33,7 +32,8 @@ HEAD = "classifier.7"  # the softmax layer of the deepimage VGG
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
-    return fake_run(root / "source", ["x", "y"], size=40), noise_folder(root / "data")
+    data = write_noise_folder(root / "data", classes=3, per_class=8, size=48, prefix="c")
+    return make_run(root / "source", ["x", "y"], size=40, width=0.0625), data
 
 
 def tiny_config(source: Path, data: Path, out: Path, **extra):

@@ -7,49 +7,18 @@ with SIGINT) in the middle of an epoch, and resumed with ``--resume``.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from deepimage.runs import load_state
-from tests.helpers import wait_until
+from tests.helpers import env, train_cmd, wait_until, write_noise_folder
 
 pytestmark = pytest.mark.slow
-
-
-def write_noise_folder(root: Path, classes: int = 4, per_class: int = 18, size: int = 40):
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            base = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-            base[:, :, c % 3] = (base[:, :, c % 3] // 2) + 100  # a learnable colour bias
-            Image.fromarray(base).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
-def train_cmd(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "deepimage", "-q", "train",
-        "--data", str(data), "--out", str(out), "--cache-dir", str(cache),
-        "--model", "vgg16_deepimage", "--width", "0.0625", "--size", "40", "--crop", "32",
-        "--epochs", "3", "--batch-size", "8", "--checkpoint-every", "1", "--workers", "2",
-        "--lr", "0.05", "--no-progress", "--no-tensorboard", *extra,
-    ]  # fmt: skip
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["OMP_NUM_THREADS"] = "1"  # identical thread count in every process of the comparison
-    return e
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,26 @@
 """Helpers shared across the test suite (importable, not tests).
 
-Photos whose class can be read off their pixels, and small models fitted to that class, so a
-test can check a top-1 answer against the photo itself: a preprocessing error (channels
-swapped, wrong crop or normalisation) or answers handed to the wrong request change it.
+- photos whose class can be read off their pixels (:func:`photo`) and small runs fitted to
+  that class (:func:`make_run`), so a test can check a top-1 answer against the photo
+  itself: a preprocessing error (channels swapped, wrong crop or normalisation) or answers
+  handed to the wrong request change it;
+- image folders (:func:`write_flat_folder`, :func:`write_noise_folder`,
+  :func:`write_photo_folder`; the messy folder is in :mod:`tests.helpers.messy`), encoded
+  files (:func:`jpeg_bytes`, :func:`png_bomb`);
+- ``deepimage train`` in a child process (:func:`train_cmd`, :func:`env`);
+- the relative weight error the multi-process tests compare with (:func:`max_relative_error`);
+- :func:`wait_until`, the one way a test waits for something to happen.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import struct
+import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,6 +94,82 @@ def png_bomb(
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def write_flat_folder(root: Path, counts: dict[str, int], size: int = 12) -> Path:
+    """ImageFolder with ``counts[class]`` flat-colour PNGs per class, colours all distinct."""
+    k = 0
+    for c, n in counts.items():
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            color = (17 * k % 256, 53 * k % 256, 101 * k % 256)
+            Image.new("RGB", (size + i, size), color).save(root / c / f"{i:03d}.png")
+            k += 1
+    return root
+
+
+def write_noise_folder(
+    root: Path, classes: int = 4, per_class: int = 18, size: int = 40, prefix: str = "class"
+) -> Path:
+    """ImageFolder of seeded noise PNGs, ``prefix{c}`` per class, each class with a learnable
+    colour bias (channel ``c % 3`` raised)."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"{prefix}{c}").mkdir(parents=True)
+        for i in range(per_class):
+            base = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            base[:, :, c % 3] = (base[:, :, c % 3] // 2) + 100
+            Image.fromarray(base).save(root / f"{prefix}{c}" / f"{i}.png")
+    return root
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def train_cmd(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    """``python -m deepimage train`` of a tiny VGG (width 1/16, 40/32 px) for 3 epochs."""
+    return [
+        sys.executable, "-m", "deepimage", "-q", "train",
+        "--data", str(data), "--out", str(out), "--cache-dir", str(cache),
+        "--model", "vgg16_deepimage", "--width", "0.0625", "--size", "40", "--crop", "32",
+        "--epochs", "3", "--batch-size", "8", "--checkpoint-every", "1", "--workers", "2",
+        "--lr", "0.05", "--no-progress", "--no-tensorboard", *extra,
+    ]  # fmt: skip
+
+
+def env() -> dict[str, str]:
+    """The environment for child training processes: one intra-op thread each, so every
+    process of a comparison computes with the same thread count."""
+    e = dict(os.environ)
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |got - ref| / max |ref|`` in float64."""
+    ref = ref.double()
+    return float((got.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+
+
+def max_relative_error(
+    got: Mapping[str, torch.Tensor] | Path, ref: Mapping[str, torch.Tensor] | Path
+) -> float:
+    """The largest :func:`relative_error` over the floating-point tensors of two state dicts
+    (or run folders' ``model.safetensors``); the other tensors must be equal."""
+    from safetensors.torch import load_file
+
+    if isinstance(got, Path):
+        got = load_file(got / "model.safetensors")
+    if isinstance(ref, Path):
+        ref = load_file(ref / "model.safetensors")
+    assert got.keys() == ref.keys()
+    worst = 0.0
+    for key, value in ref.items():
+        if value.is_floating_point():
+            worst = max(worst, relative_error(got[key], value))
+        else:
+            assert torch.equal(got[key], value), f"{key} differs"
+    return worst
 
 
 # --------------------------------------------------------------------------- models
@@ -177,6 +262,15 @@ def make_run(
 
 
 # --------------------------------------------------------------------------- waiting
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface (for a server or a process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_until(
