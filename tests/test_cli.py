@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -20,12 +22,15 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     messy = make_messy_folder(root / "messy")
     run = root / "run"
-    code = main(
-        ["-q", "train", "--data", str(messy["root"]), "--out", str(run), *TINY]
-        + ["--epochs", "2", "--batch-size", "4", "--val-split", "0.25", "--workers", "0"]
-        + ["--cache-dir", str(root / "cache"), "--no-progress"]
-    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(
+            ["-q", "train", "--data", str(messy["root"]), "--out", str(run), *TINY]
+            + ["--epochs", "2", "--batch-size", "4", "--val-split", "0.25", "--workers", "0"]
+            + ["--cache-dir", str(root / "cache"), "--no-progress"]
+        )
     assert code == 0
+    (root / "train-output.txt").write_text(printed.getvalue())
     return root, messy, run
 
 
@@ -47,6 +52,23 @@ def test_messy_folder_trains_to_the_end_and_reports_each_skipped_file(trained, c
     for name in ("model.safetensors", "model.json", "config.yaml", "curves.png"):
         assert (run / name).stat().st_size > 0
     assert any((run / "tb").iterdir())
+
+
+def test_the_run_ends_with_a_report_of_every_skipped_file(trained):
+    """README: each skipped file is reported by path with its reason at the end of the run."""
+    root, messy, run = trained
+    lines = (root / "train-output.txt").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("skipped "))
+    assert lines[start] == f"skipped {len(messy['skipped'])} unreadable files:"
+    report = lines[start + 1 : start + 1 + len(messy["skipped"])]
+    summary = json.loads((run / "summary.json").read_text())["skipped"]
+    expected = [f"  {s['path']}: {s['reason']}" for s in summary]
+    assert sorted(report) == sorted(expected)
+    reported = {
+        str(Path(line.strip().split(": ", 1)[0]).relative_to(messy["root"])) for line in report
+    }
+    assert reported == set(messy["skipped"])
+    assert lines[start + 1 + len(report) :] == [f"run folder: {run}"]  # the last lines
 
 
 def test_evaluate_writes_the_report(trained, capsys):

@@ -219,6 +219,24 @@ def test_large_jpeg_uses_draft_when_decoded_small(tmp_path):
     assert np.abs(out.astype(int) - exact.astype(int)).mean() < 2.0
 
 
+def test_the_store_and_prediction_decode_large_jpegs_at_reduced_size(tmp_path):
+    """README: large JPEGs are decoded at reduced size (DCT scaling) when the target is at
+    most half their size. decode_image (prediction, serving) and a store at 64 px give
+    exactly the image resized from the 1/8-scale decode, which differs from one resized
+    from the full decode."""
+    from deepimage.data import prepare_store, scan_folder
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    path = _big_jpeg(tmp_path / "data" / "a")
+    reduced = resize_image(open_image(path, draft_size=64), 64)
+    assert not np.array_equal(reduced, resize_image(open_image(path), 64))  # it shows
+    assert np.array_equal(decode_image(path, 64), reduced)
+    assert np.array_equal(decode_image(path.read_bytes(), 64), reduced)
+    store = prepare_store(scan_folder(tmp_path / "data"), tmp_path / "store", [64, 32],
+                          workers=0, progress=False)  # fmt: skip
+    assert np.array_equal(store.images(64)[0], reduced)  # drafted for the largest size
+
+
 def test_draft_only_for_jpeg(tmp_path):
     path = tmp_path / "big.png"
     noisy_rgb(512, 512).save(path)

@@ -153,3 +153,41 @@ def test_ensemble_is_served(ensemble_dir):
     assert response.status_code == 200
     _same(response.json()["top"], _expected(predictor, data))
     assert response.json()["top"][0]["class_id"] == label(5)
+
+
+def test_serve_defaults_cap_bodies_at_10_mb_and_images_at_40_megapixels(run_dir, monkeypatch):
+    """README: ``--max-body-mb`` (10) and ``--max-pixels`` (40 M) by default. ``deepimage
+    serve`` with no such flags; its app is exercised in place of uvicorn's server."""
+    import uvicorn
+
+    from deepimage.cli import main
+
+    answers = {}
+    mb = 1024 * 1024
+    probes = {
+        "body over 10 MB": b"\xff" * (10 * mb + 1),
+        "body of 10 MB": b"\xff" * (10 * mb),
+        "over 40 M pixels": png_bomb(6325, 6325, bit_depth=1, color_type=0),  # 40,005,625
+        "under 40 M pixels": png_bomb(6324, 6324, bit_depth=1, color_type=0),  # 39,992,976
+    }
+
+    class InPlaceOfUvicorn:
+        started = True
+
+        def __init__(self, config: uvicorn.Config) -> None:
+            self.app = config.app
+
+        def run(self) -> None:
+            with TestClient(self.app) as client:
+                for name, body in probes.items():
+                    response = client.post("/predict", content=body)
+                    answers[name] = (response.status_code, response.json()["detail"])
+
+    monkeypatch.setattr(uvicorn, "Server", InPlaceOfUvicorn)
+    assert main(["serve", str(run_dir), "--log-level", "warning"]) == 0
+    assert answers["body over 10 MB"][0] == 413
+    assert answers["body of 10 MB"][0] == 415  # read in full, then found not to be an image
+    assert answers["over 40 M pixels"][0] == 400
+    assert "too many pixels" in answers["over 40 M pixels"][1]
+    assert answers["under 40 M pixels"][0] == 400  # a header without pixels: truncated
+    assert "too many pixels" not in answers["under 40 M pixels"][1]

@@ -72,13 +72,16 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(reference):
     assert_same_run(ref, out)
 
 
-def test_sigint_saves_and_resume_is_bitwise_exact(reference):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_saves_and_resume_is_bitwise_exact(reference, sig):
+    """Ctrl-C or SIGTERM: a checkpoint at the end of the current step, exit status 130, and
+    a resumed run equal to the uninterrupted one."""
     root, data, ref = reference
-    out = root / "interrupted"
+    out = root / f"interrupted-{sig.name}"
     cmd = train_cmd(data, out, root / "cache")
     proc = subprocess.Popen(cmd, env=env())
     wait_for_step(out, 9, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     assert proc.wait(timeout=60) == 130
     state = load_state(out / "checkpoint.safetensors")
     assert 9 <= state["global_step"] < 24
