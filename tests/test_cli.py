@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 from PIL import Image
 
 from deepimage.cli import main
-from tests.data.messy import make_messy_folder
+from tests.helpers.messy import make_messy_folder
 
 TINY = ["--model", "vgg16_deepimage", "--width", "0.0625", "--size", "40", "--crop", "32"]
 
@@ -20,12 +22,15 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     messy = make_messy_folder(root / "messy")
     run = root / "run"
-    code = main(
-        ["-q", "train", "--data", str(messy["root"]), "--out", str(run), *TINY]
-        + ["--epochs", "2", "--batch-size", "4", "--val-split", "0.25", "--workers", "0"]
-        + ["--cache-dir", str(root / "cache"), "--no-progress"]
-    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(
+            ["-q", "train", "--data", str(messy["root"]), "--out", str(run), *TINY]
+            + ["--epochs", "2", "--batch-size", "4", "--val-split", "0.25", "--workers", "0"]
+            + ["--cache-dir", str(root / "cache"), "--no-progress"]
+        )
     assert code == 0
+    (root / "train-output.txt").write_text(printed.getvalue())
     return root, messy, run
 
 
@@ -49,6 +54,23 @@ def test_messy_folder_trains_to_the_end_and_reports_each_skipped_file(trained, c
     assert any((run / "tb").iterdir())
 
 
+def test_the_run_ends_with_a_report_of_every_skipped_file(trained):
+    """README: each skipped file is reported by path with its reason at the end of the run."""
+    root, messy, run = trained
+    lines = (root / "train-output.txt").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("skipped "))
+    assert lines[start] == f"skipped {len(messy['skipped'])} unreadable files:"
+    report = lines[start + 1 : start + 1 + len(messy["skipped"])]
+    summary = json.loads((run / "summary.json").read_text())["skipped"]
+    expected = [f"  {s['path']}: {s['reason']}" for s in summary]
+    assert sorted(report) == sorted(expected)
+    reported = {
+        str(Path(line.strip().split(": ", 1)[0]).relative_to(messy["root"])) for line in report
+    }
+    assert reported == set(messy["skipped"])
+    assert lines[start + 1 + len(report) :] == [f"run folder: {run}"]  # the last lines
+
+
 def test_evaluate_writes_the_report(trained, capsys):
     root, messy, run = trained
     out = root / "report"
@@ -56,14 +78,51 @@ def test_evaluate_writes_the_report(trained, capsys):
                  "--workers", "0", "--no-progress"]) == 0  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == len(messy["ok"])
-    assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
-    assert 0 <= metrics["mean_class_acc"] <= 1
+    count = _count_by_hand(run, messy)
+    n = len(messy["ok"])
+    assert abs(metrics["top1"] * n - count["top1"]) <= count["near_ties"] + 1e-6
+    assert metrics["top5"] == 1.0  # 3 classes: every label is within the top 5
+    if count["near_ties"] == 0:
+        assert metrics["mean_class_acc"] == pytest.approx(count["mean_class_acc"])
     lines = (out / "per_class.csv").read_text().splitlines()
     assert len(lines) == 1 + len(messy["classes"])
     for name in ("confusion.png", "top5_confusion.png"):
         with Image.open(out / name) as im:
             assert im.size[0] > 100
     assert "top-1" in capsys.readouterr().out
+
+
+def _count_by_hand(run: Path, messy: dict) -> dict:
+    """Top-1 hits of the run's model on every readable file of the messy folder, counted
+    here: each file decoded at the run's size, centre-cropped and normalised with numpy,
+    its label read from its folder name."""
+    import numpy as np
+    import torch
+
+    from deepimage.data.decode import decode_image
+    from deepimage.runs import load_model
+
+    model, meta = load_model(run)
+    size, crop = meta["size"], meta["crop"]
+    top = (size - crop) // 2
+    images, labels = [], []
+    for rel in messy["ok"]:
+        image = decode_image(messy["root"] / rel, size, mode=meta["resize_mode"])
+        x = image[top : top + crop, top : top + crop].astype(np.float32) / 255
+        images.append((x - np.array(meta["mean"], np.float32)) / np.array(meta["std"], np.float32))
+        labels.append(meta["classes"].index(rel.split("/")[0]))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        logits = model(x).numpy()
+    labels = np.array(labels)
+    hits = logits.argmax(1) == labels
+    ordered = np.sort(logits, axis=1)
+    per_class = [hits[labels == c].mean() for c in np.unique(labels)]
+    return {
+        "top1": int(hits.sum()),
+        "near_ties": int((ordered[:, -1] - ordered[:, -2] < 1e-4).sum()),
+        "mean_class_acc": float(np.mean(per_class)),
+    }
 
 
 def test_predict_prints_ids_names_and_probabilities(trained, capsys):
@@ -128,7 +187,7 @@ def test_corrupted_weights_give_a_clear_error(tmp_path, capsys):
 def test_dense_at_the_crop_size_equals_center_and_tta_combines(tmp_path, capsys):
     """Images stored at exactly the crop size: dense evaluation sees the centre crop."""
     from deepimage.evaluate.evaluate import evaluate
-    from tests.data.messy import write_flat_folder
+    from tests.helpers import write_flat_folder
 
     data = write_flat_folder(tmp_path / "d", {"a": 6, "b": 6, "c": 6})
     run = tmp_path / "run"

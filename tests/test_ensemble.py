@@ -4,42 +4,24 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from deepimage.ensemble import ENSEMBLE_FILE, expand_sources, load_members, write_manifest
-from deepimage.models import get_model
-from deepimage.runs import WEIGHTS, CheckpointError, save_weights
+from deepimage.runs import CheckpointError
+from tests.helpers import make_run
 
-
-def fake_run(run: Path, classes: list[str], size: int = 40, seed: int = 0) -> Path:
-    """A finished run folder holding a tiny randomly initialised model."""
-    torch.manual_seed(seed)
-    model = get_model("vgg16_deepimage", num_classes=len(classes), image_size=32, width=0.0625)
-    with torch.no_grad():  # spread the logits, so posteriors differ visibly between models
-        model.classifier[-1].weight.mul_(300.0)
-    meta = {
-        "model": "vgg16_deepimage",
-        "model_kwargs": {"width": 0.0625, "dropout": None},
-        "classes": classes,
-        "class_names": {},
-        "size": size,
-        "crop": 32,
-        "resize_mode": "stretch",
-        "mean": list(model.mean),
-        "std": list(model.std),
-        "precision": "fp32",
-    }
-    save_weights(run / WEIGHTS, model, meta)
-    return run
+TINY = 0.0625  # width of the members' VGG
 
 
 @pytest.fixture
 def ensemble(tmp_path):
     root = tmp_path / "ens"
-    members = [fake_run(root / "s40", ["a", "b"], 40, 0), fake_run(root / "s48", ["a", "b"], 48, 1)]
+    members = [
+        make_run(root / "s40", ["a", "b"], size=40, width=TINY, seed=0),
+        make_run(root / "s48", ["a", "b"], size=48, width=TINY, seed=1),
+    ]
     return root, members, write_manifest(root, members, note="test")
 
 
@@ -84,8 +66,8 @@ def test_load_members_gives_models_in_eval_mode_with_meta(ensemble):
 
 
 def test_differing_classes_are_refused(tmp_path):
-    a = fake_run(tmp_path / "a", ["x", "y"])
-    b = fake_run(tmp_path / "b", ["x", "z"])
+    a = make_run(tmp_path / "a", ["x", "y"], width=TINY)
+    b = make_run(tmp_path / "b", ["x", "z"], width=TINY)
     with pytest.raises(CheckpointError, match="classes differ") as err:
         load_members([a, b])
     assert str(b) in str(err.value) and "\n" not in str(err.value)

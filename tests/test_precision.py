@@ -13,7 +13,7 @@ from deepimage import precision as P
 from deepimage.config import resolve_config
 from deepimage.runs import CHECKPOINT, load_state, save_state
 from deepimage.train.loop import train
-from tests.data.messy import write_flat_folder
+from tests.helpers import write_flat_folder
 
 CPU = torch.device("cpu")
 ZEN3 = P.CpuInfo("AMD EPYC 7B13", frozenset({"avx2", "fma", "sse4_2"}))

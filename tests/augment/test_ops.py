@@ -14,7 +14,7 @@ from deepimage.augment.ops import (
     vignette_factor,
     warp,
 )
-from deepimage.augment.params import AugmentParams, sample_params
+from deepimage.augment.params import AugmentParams, fit_zoom, sample_params
 from deepimage.augment.pipeline import PRESETS, build_train_augment
 from deepimage.data.transforms import center_crop, to_model_input
 from tests.augment.conftest import RAW, STATS
@@ -56,17 +56,53 @@ def centre(images: torch.Tensor) -> torch.Tensor:
     return center_crop(images, C).float()
 
 
+# every operation on for every image, lighting included
+FULL = PRESETS["deepimage"].replace(
+    lighting={"p": 1.0}, **{n: {"p": 1.0} for n in ("flip", "rotation", "lens", "vignette", "cast")}
+)
+
+
+def _without(name: str, p: AugmentParams) -> AugmentParams:
+    """``p`` with one operation's parameters at "not applied" (the geometry's zoom refitted)."""
+    n = len(p)
+    zero = torch.zeros(n, dtype=torch.float64)
+    change = {
+        "crop": {"top": torch.full((n,), (40 - C) // 2), "left": torch.full((n,), (40 - C) // 2)},
+        "flip": {"flip": torch.zeros(n, dtype=torch.bool)},
+        "rotation": {"angle": zero},
+        "lens": {"lens_k": zero, "stretch": zero},
+        "vignette": {"vignette_radius": zero, "vignette_strength": zero},
+        "cast": {"cast": torch.zeros(n, 3, dtype=torch.float64)},
+        "lighting": {"light": torch.zeros(n, 3, dtype=torch.float64)},
+    }[name]
+    q = dataclasses.replace(p, **change)
+    zoom = fit_zoom(q.angle.numpy(), q.lens_k.numpy(), q.stretch.numpy(), C)
+    return dataclasses.replace(q, zoom=torch.from_numpy(zoom))
+
+
 @pytest.mark.parametrize("name", list(ONLY))
-def test_probability_zero_is_the_identity(images, name):
-    full_off = PRESETS["deepimage"].replace(**OFF[name])
-    if name != "crop":
-        full_off = full_off.replace(crop={"random": False})
-    alone_off = PRESETS["none"].replace(**OFF[name])
-    x = make(alone_off)(images, np.arange(8), 0)
-    assert torch.equal(raw(x), centre(images))
-    every_off = PRESETS["none"].replace(**{k: v for o in OFF.values() for k, v in o.items()})
+def test_probability_zero_turns_one_operation_off_inside_the_full_pipeline(images, name):
+    """With every other operation applied to every image, p = 0 for one operation gives
+    exactly the full pipeline's images with that operation's parameters at "not applied":
+    no draw of it leaks through and no other operation's draws move."""
+    on = make(FULL)
+    off = make(FULL.replace(**OFF[name]))
+    rows = np.arange(20, 28)
+    expected = _without(name, on.params(rows, 1))
+    got = off.params(rows, 1)
+    for key, value in expected.as_dict().items():
+        assert torch.equal(getattr(got, key), value), f"{name} off: {key} differs"
+    x = off(images, rows, 1)
+    assert torch.equal(x, on.apply(images, expected))
+    changed = (x - on(images, rows, 1)).abs().flatten(1).amax(1) > 1e-3
+    assert changed.sum() >= 6  # the operation does act in this pipeline
+
+
+def test_every_operation_off_is_the_centre_crop(images):
+    every_off = FULL.replace(**{k: v for o in OFF.values() for k, v in o.items()})
     assert torch.equal(raw(make(every_off)(images, np.arange(8), 3)), centre(images))
-    assert full_off != PRESETS["deepimage"]
+    identity = AugmentParams.identity(8, 40, C)
+    assert torch.equal(raw(apply_params(images, identity, C, **RAW)), centre(images))
 
 
 @pytest.mark.parametrize("name", [*ONLY, "all"])

@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
-from tests.data.messy import make_messy_folder, write_flat_folder
+from tests.helpers import write_flat_folder
+from tests.helpers.messy import make_messy_folder
 
 
 @pytest.fixture
 def messy(tmp_path: Path) -> dict[str, Any]:
-    """A fresh messy folder (see :func:`tests.data.messy.make_messy_folder`)."""
+    """A fresh messy folder (see :func:`tests.helpers.messy.make_messy_folder`)."""
     return make_messy_folder(tmp_path / "messy")
 
 

@@ -8,7 +8,8 @@ from PIL import Image, ImageFile
 
 from deepimage.data import DecodeError, decode_image, open_image, resize_array, resize_image
 from deepimage.data.decode import DEFAULT_MAX_PIXELS, resize_pil
-from tests.data.messy import exif_jpeg, header_only_png, marked_rgb, noisy_rgb
+from tests.helpers import png_bomb
+from tests.helpers.messy import exif_jpeg, marked_rgb, noisy_rgb
 
 DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 RED = np.array([250, 20, 20])
@@ -170,7 +171,7 @@ def test_pixel_cap_refuses_before_decoding_pixels(monkeypatch):
 def test_pillow_bomb_warning_and_error_become_decode_errors():
     # 100M pixels: above Pillow's warning level, below our default cap. Pixel data is bogus,
     # so it must fail while decoding, not as a DecompressionBombWarning.
-    mid = header_only_png(10_000, 10_000)
+    mid = png_bomb(10_000, 10_000, bit_depth=1, color_type=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(DecodeError) as e:
@@ -180,13 +181,13 @@ def test_pillow_bomb_warning_and_error_become_decode_errors():
         decode_image(mid, max_pixels=50_000_000)
     # 900M pixels: Pillow's own error threshold, reported as DecodeError.
     with pytest.raises(DecodeError, match="too many pixels"):
-        decode_image(header_only_png(30_000, 30_000))
+        decode_image(png_bomb(30_000, 30_000, bit_depth=1, color_type=0))
     assert DEFAULT_MAX_PIXELS == 2 * 89_478_485
 
 
 def test_cap_above_pillows_limit_is_honoured_and_limit_restored():
     before = Image.MAX_IMAGE_PIXELS
-    huge = header_only_png(14_000, 14_000)  # 196M > Pillow's error threshold
+    huge = png_bomb(14_000, 14_000, bit_depth=1, color_type=0)  # 196M > Pillow's error threshold
     with pytest.raises(DecodeError) as e:
         decode_image(huge, max_pixels=200_000_000)
     assert "too many pixels" not in str(e.value)  # opened; fails only on the bogus data
@@ -216,6 +217,24 @@ def test_large_jpeg_uses_draft_when_decoded_small(tmp_path):
     assert out.shape == (64, 64, 3)
     exact = resize_image(open_image(path), 64)
     assert np.abs(out.astype(int) - exact.astype(int)).mean() < 2.0
+
+
+def test_the_store_and_prediction_decode_large_jpegs_at_reduced_size(tmp_path):
+    """README: large JPEGs are decoded at reduced size (DCT scaling) when the target is at
+    most half their size. decode_image (prediction, serving) and a store at 64 px give
+    exactly the image resized from the 1/8-scale decode, which differs from one resized
+    from the full decode."""
+    from deepimage.data import prepare_store, scan_folder
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    path = _big_jpeg(tmp_path / "data" / "a")
+    reduced = resize_image(open_image(path, draft_size=64), 64)
+    assert not np.array_equal(reduced, resize_image(open_image(path), 64))  # it shows
+    assert np.array_equal(decode_image(path, 64), reduced)
+    assert np.array_equal(decode_image(path.read_bytes(), 64), reduced)
+    store = prepare_store(scan_folder(tmp_path / "data"), tmp_path / "store", [64, 32],
+                          workers=0, progress=False)  # fmt: skip
+    assert np.array_equal(store.images(64)[0], reduced)  # drafted for the largest size
 
 
 def test_draft_only_for_jpeg(tmp_path):

@@ -14,7 +14,7 @@ from deepimage.data.index import (
     scan_folder,
     split_index,
 )
-from tests.data.messy import write_flat_folder
+from tests.helpers import write_flat_folder
 
 
 def _rel(index: DatasetIndex, root: Path) -> list[str]:

@@ -26,7 +26,7 @@ from deepimage.data import (
     split_index,
     store_for,
 )
-from tests.data.messy import write_flat_folder
+from tests.helpers import write_flat_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -182,17 +182,21 @@ def test_manifest_that_does_not_match_the_files_is_refused(flat_folder, tmp_path
 
 _KILLED_PREPARE = textwrap.dedent(
     """
-    import sys, time
+    import sys, threading
     import deepimage.data.prepare as st
     from deepimage.data import load_index, prepare_store
 
     original = st.open_image
+    calls = []
 
-    def slow(*args, **kwargs):
-        time.sleep(0.2)
+    def stalls_after_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # three images decoded: wait here until killed
+            print("stalled", flush=True)
+            threading.Event().wait()
         return original(*args, **kwargs)
 
-    st.open_image = slow
+    st.open_image = stalls_after_three
     prepare_store(load_index(sys.argv[1]), sys.argv[2], [8], workers=0, progress=False)
     print("finished")
     """
@@ -209,12 +213,8 @@ def test_prepare_killed_midway_is_never_used(flat_folder, tmp_path, caplog):
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not any(".partial-" in p.name for p in out.parent.iterdir()):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "preparation never started"
-            time.sleep(0.02)
-        time.sleep(0.3)
+        assert proc.stdout.readline() == b"stalled\n", proc.communicate()
+        assert any(".partial-" in p.name for p in out.parent.iterdir())
     finally:
         proc.send_signal(signal.SIGKILL)
         stdout, _ = proc.communicate()

@@ -17,8 +17,7 @@ from deepimage.evaluate.corrupt import (
     summarise,
 )
 from deepimage.evaluate.evaluate import evaluate
-from tests.data.messy import write_flat_folder
-from tests.test_ensemble import fake_run
+from tests.helpers import make_run, write_flat_folder
 
 
 def images(n: int = 4, size: int = 40, seed: int = 0) -> torch.Tensor:
@@ -97,7 +96,7 @@ def test_summary_means():
 
 def test_evaluate_reports_corruptions(tmp_path, capsys):
     data = write_flat_folder(tmp_path / "data", {"a": 3, "b": 3}, size=40)
-    run = fake_run(tmp_path / "run", ["a", "b"], size=40)
+    run = make_run(tmp_path / "run", ["a", "b"], size=40, width=0.0625)
     kw = {"batch_size": 4, "workers": 0, "device": "cpu", "progress": False}
     metrics = evaluate(run, data, corruptions=["noise", "blur"], severities=[1, 5],
                        cache_dir=str(tmp_path / "cache"), **kw)  # fmt: skip

@@ -8,8 +8,8 @@ resumes from a checkpoint written at another world size.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,17 +20,12 @@ from safetensors.torch import load_file, save_file
 from deepimage.parallel.head import fc_bytes, shard_bounds, shard_classifier
 from deepimage.parallel.hybrid import HybridStrategy
 from deepimage.runs import load_state, save_state
+from tests.helpers import free_port, max_relative_error
 from tests.parallel import workers
 
 RTOL = 1e-5  # max |w - w_ref| / max |w_ref|, per tensor
 CASES = [("ddp", 1), ("butterfly", 1), ("lazy", 1), ("ddp", 2)]
 RESUME_AT = 1  # the checkpoint is written after this many steps
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _hybrid(sync: str) -> tuple[torch.nn.Module, HybridStrategy]:
@@ -43,8 +38,15 @@ def _hybrid(sync: str) -> tuple[torch.nn.Module, HybridStrategy]:
     return model, HybridStrategy(model, opt, sync, bucket_mb=0.05)
 
 
-def _train(strategy: HybridStrategy, steps: range, accum: int = 1) -> list[bool]:
-    """Train on this rank's slice of each global batch; return 'ranks agree on the trunk'."""
+def _train(
+    strategy: HybridStrategy,
+    steps: range,
+    accum: int = 1,
+    wire: workers.WireCounter | None = None,
+) -> list[bool]:
+    """Train on this rank's slice of each global batch; return 'ranks agree on the trunk'.
+
+    ``wire`` counts the bytes of the training steps' collectives (not of the check)."""
     from deepimage.parallel import dist as pdist
     from deepimage.train.step import forward_backward
 
@@ -55,13 +57,14 @@ def _train(strategy: HybridStrategy, steps: range, accum: int = 1) -> list[bool]
     identical = []
     for step in steps:
         x, y, rows = workers.batch(step)
-        forward_backward(
-            train_model, x[lo:hi], y[lo:hi], accum_steps=accum, precision="fp32",
-            micro_step=strategy.micro_step, dropout_key=(rows[lo:hi], workers.SEED, step),
-        )  # fmt: skip
-        strategy.step()
-        strategy.zero_grad()
-        strategy.flush()
+        with wire.counting() if wire is not None else contextlib.nullcontext():
+            forward_backward(
+                train_model, x[lo:hi], y[lo:hi], accum_steps=accum, precision="fp32",
+                micro_step=strategy.micro_step, dropout_key=(rows[lo:hi], workers.SEED, step),
+            )  # fmt: skip
+            strategy.step()
+            strategy.zero_grad()
+            strategy.flush()
         if world > 1:
             flat = torch.cat([p.detach().reshape(-1) for p in strategy.model.features.parameters()])
             gathered = [torch.empty_like(flat) for _ in range(world)]
@@ -78,23 +81,27 @@ def run_hybrid(rank: int, world: int, port: int, out: str, resume_from: str) -> 
     """Every case for STEPS steps; then resume a checkpoint written at another world size."""
     from deepimage.parallel import dist as pdist
 
+    wire = workers.WireCounter()
+    wire.install()
     workers.setup(rank, world, port)
     out_dir = Path(out)
     report: dict = {}
     for sync, accum in CASES:
         case = f"{sync}-accum{accum}"
         model, strategy = _hybrid(sync)
-        identical = _train(strategy, range(RESUME_AT), accum)
+        wire.take()
+        identical = _train(strategy, range(RESUME_AT), accum, wire)
         state = _checkpoint(strategy)  # collective: every rank gathers
         if rank == 0 and case == "ddp-accum1":
             save_state(out_dir / "checkpoint.safetensors", state)
-        identical += _train(strategy, range(RESUME_AT, workers.STEPS), accum)
+        identical += _train(strategy, range(RESUME_AT, workers.STEPS), accum, wire)
         full = strategy.model_state_dict()
         report[case] = {
             "identical": identical,
             "fc_bytes": fc_bytes(strategy.head),
             "fc_momentum_numel": [0 if m is None else m.numel() for m in strategy.fc_momentum],
             "bytes": strategy.stats.bytes_sent,
+            "wire": wire.take(),
         }
         if rank == 0:
             save_file(
@@ -147,20 +154,12 @@ def spawned(tmp_path_factory, one_process_checkpoint):
     return runs
 
 
-def _max_error(weights: dict, reference: dict) -> float:
-    assert weights.keys() == reference.keys()
-    return max(
-        float((weights[k] - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
-        for k, ref in reference.items()
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", [f"{s}-accum{a}" for s, a in CASES])
 def test_same_weights_as_one_process(spawned, reference, world, case):
     out, reports = spawned[world]
-    err = _max_error(load_file(out / f"{case}.safetensors"), reference)
+    err = max_relative_error(load_file(out / f"{case}.safetensors"), reference)
     assert err <= RTOL, f"hybrid {case} at N={world}: off by {err:.2e} (relative)"
     for rank, report in enumerate(reports):
         assert all(report[case]["identical"]), f"{case}: trunks differ (rank {rank})"
@@ -187,14 +186,14 @@ def test_fc_parameters_and_optimizer_state_split_evenly(spawned, world):
 @pytest.mark.parametrize("sync", ["ddp", "butterfly"])
 def test_resume_on_another_world_size(spawned, reference, world, sync):
     out, _ = spawned[world]
-    err = _max_error(load_file(out / f"resumed-{sync}.safetensors"), reference)
+    err = max_relative_error(load_file(out / f"resumed-{sync}.safetensors"), reference)
     assert err <= RTOL, f"resumed at N={world} ({sync}): off by {err:.2e}"
 
 
 def test_one_process_hybrid_equals_plain_training(reference):
     _, strategy = _hybrid("ddp")
     _train(strategy, range(workers.STEPS))
-    assert _max_error(strategy.model_state_dict(), reference) <= RTOL
+    assert max_relative_error(strategy.model_state_dict(), reference) <= RTOL
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
@@ -237,7 +236,7 @@ def test_torchrun_hybrid_resumes_on_one_process_and_loads_unsharded(tmp_path):
 
     from deepimage.cli import main
     from deepimage.runs import load_model
-    from tests.train.test_resume import env, train_cmd, write_noise_folder
+    from tests.helpers import env, train_cmd, write_noise_folder
 
     data = write_noise_folder(tmp_path / "data")
     cache = tmp_path / "cache"
@@ -251,7 +250,7 @@ def test_torchrun_hybrid_resumes_on_one_process_and_loads_unsharded(tmp_path):
     assert load_state(tmp_path / "hybrid" / "checkpoint.safetensors")["step_in_epoch"] == 3
     assert main([*hybrid[3:], "--resume", "--max-steps", "8"]) == 0
     weights = load_file(tmp_path / "hybrid" / "model.safetensors")
-    assert _max_error(weights, load_file(tmp_path / "single" / "model.safetensors")) <= RTOL
+    assert max_relative_error(weights, load_file(tmp_path / "single" / "model.safetensors")) <= RTOL
     model, meta = load_model(tmp_path / "hybrid")
     assert meta["model"] == "vgg16_deepimage"
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
@@ -260,7 +259,8 @@ def test_torchrun_hybrid_resumes_on_one_process_and_loads_unsharded(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_sent_match_the_scaling_model(spawned, world):
-    """Every rank sends exactly what the scaling model's hybrid term predicts."""
+    """Every rank sends what the scaling model's hybrid term predicts, counted where the
+    collectives are issued (``workers.WireCounter``); the strategy's counter agrees."""
     from deepimage.parallel.perf_model import hybrid_bytes
 
     _, reports = spawned[world]
@@ -269,7 +269,9 @@ def test_bytes_sent_match_the_scaling_model(spawned, world):
     conv = sum(p.numel() * 4 for p in model.features.parameters())
     per_step = hybrid_bytes(fcs, conv, workers.GLOBAL_BATCH // world, world)
     for report in reports:
-        assert report["ddp-accum1"]["bytes"] == pytest.approx(workers.STEPS * per_step)
+        assert report["ddp-accum1"]["wire"] == pytest.approx(workers.STEPS * per_step)
+        for case in report:
+            assert report[case]["bytes"] == pytest.approx(report[case]["wire"], rel=1e-9)
 
 
 def test_scaling_model_reproduces_figure_2a_within_its_exposure_band():

@@ -8,24 +8,18 @@ dropout 0.5 keyed by image) on its slice of each global batch of 8.
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from tests.helpers import free_port, relative_error
 from tests.parallel import workers
 
 pytestmark = pytest.mark.slow
 
 RTOL = 1e-5  # max |w - w_ref| / max |w_ref|, per tensor
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +41,29 @@ def test_same_weights_as_one_process(spawned, reference, case):
     world, out, reports = spawned
     weights = load_file(out / f"{case}.safetensors")
     for key, ref in reference.items():
-        err = float((weights[key] - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        err = relative_error(weights[key], ref)
         assert err <= RTOL, f"{case} at N={world}: {key} off by {err:.2e} (relative)"
     for rank, report in enumerate(reports):
         assert all(report[case]["identical"]), f"{case}: ranks disagree (rank {rank})"
 
 
-def test_butterfly_sends_2_n_minus_1_over_n_of_the_gradient(spawned):
+def test_bytes_counted_at_the_collectives(spawned):
+    """Bytes counted where the collectives are issued (see ``workers.WireCounter``): lazy
+    update and ddp send 2 (N - 1) / N of the gradient per step, butterfly the same plus at
+    most the padding of its buckets; each strategy's own counter reports what was sent."""
     world, _, reports = spawned
     for report in reports:
-        info = report["butterfly-accum1"]
-        grad_bytes, buckets = info["grad_bytes"], len(info["ownership"])
+        grad_bytes = report["ddp-accum1"]["grad_bytes"]
         expected = 2 * (world - 1) / world * grad_bytes
+        for case in ("ddp-accum1", "lazy-accum1", "lazy-accum2", "ddp-accum2"):
+            assert report[case]["wire"] == [expected] * workers.STEPS, case
+        buckets = len(report["butterfly-accum1"]["ownership"])
         padding = 2 * (world - 1) / world * buckets * (world - 1) * 4  # < N elements a bucket
-        for sent in info["bytes"]:
-            assert expected <= sent <= expected + padding
-        lazy = report["lazy-accum1"]["bytes"]
-        assert lazy == [expected] * len(lazy)  # ring all-reduce, no padding
+        for case in ("butterfly-accum1", "butterfly-accum2"):
+            for sent in report[case]["wire"]:
+                assert expected <= sent <= expected + padding, case
+        for case, info in report.items():
+            assert info["bytes"] == pytest.approx(info["wire"], rel=1e-9), case
 
 
 def test_butterfly_ownership_is_explicit_and_sharded(spawned):
@@ -95,8 +95,7 @@ def test_butterfly_ownership_is_explicit_and_sharded(spawned):
     gathered = load_file(out / "butterfly-accum1-momentum.safetensors")
     for i, p in enumerate(ref_model.parameters()):
         ref = opt.state[p]["momentum_buffer"]
-        err = float((gathered[str(i)] - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
-        assert err <= RTOL
+        assert relative_error(gathered[str(i)], ref) <= RTOL
 
 
 def test_lazy_leaves_exchanges_in_flight_after_backward(spawned):

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deepimage.parallel.sync_bn import SyncBatchNorm2d, convert_sync_batchnorm
+from tests.helpers import free_port, relative_error
 from tests.parallel import workers
-from tests.parallel.test_strategies import free_port
 
 RTOL = 1e-5  # max |w - w_ref| / max |w_ref|, per tensor (weights and running statistics)
 
@@ -63,11 +63,6 @@ def test_conversion_keeps_parameters_and_keys() -> None:
     workers.build_bn_model().load_state_dict(model.state_dict())  # loads into the plain model
 
 
-def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return float((got.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path) -> None:
     """Tolerance per tensor: 1e-5 relative, or twice the fp32 rounding of the one-process run
@@ -82,8 +77,8 @@ def test_two_processes_equal_one(tmp_path) -> None:
         state = load_file(tmp_path / f"bn-{sync}.safetensors")
         assert state.keys() == reference.keys()
         for key, ref in reference.items():
-            tol = max(RTOL, 2 * _relative(ref, exact[key]))
-            err = _relative(state[key], ref)
+            tol = max(RTOL, 2 * relative_error(ref, exact[key]))
+            err = relative_error(state[key], ref)
             assert err <= tol, f"{sync}: {key} off by {err:.2e} (relative), tolerance {tol:.1e}"
         for rank, report in enumerate(reports):
             assert all(report[sync]["identical"]), f"{sync}: ranks disagree (rank {rank})"

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch.multiprocessing as mp
 
+from tests.helpers import free_port
 from tests.parallel import workers
-from tests.parallel.test_strategies import free_port
 
 pytestmark = pytest.mark.slow
 

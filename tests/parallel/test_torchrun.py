@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from deepimage.runs import load_state
-from tests.train.test_resume import env, train_cmd, write_noise_folder
+from tests.helpers import env, max_relative_error, train_cmd, wait_until, write_noise_folder
 
 pytestmark = pytest.mark.slow
 
@@ -51,15 +50,48 @@ def runs(tmp_path_factory):
     return root, data, cache
 
 
-def max_relative_error(a: Path, b: Path) -> float:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max() / wb[k].abs().max().clamp(min=1e-12)) for k in wa)
-
-
 def test_two_processes_match_one(runs):
     root, _, _ = runs
     assert max_relative_error(root / "two", root / "single") <= 1e-5
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(runs):
+    """README: a data-parallel run resumes on another number of processes. Two processes
+    stop mid-epoch (a checkpoint after step 5 of 8); one process finishes the run and ends
+    with the weights of the one-process run."""
+    root, data, cache = runs
+    out = root / "two-then-one"
+    cmd = train_cmd(data, out, cache, *FLAGS)
+    stop = torchrun(*module_cmd(cmd), "--max-steps", "5")
+    subprocess.run(stop, check=True, env=env(), timeout=300, capture_output=True)
+    state = load_state(out / "checkpoint.safetensors")
+    assert (state["global_step"], state["step_in_epoch"]) == (5, 5)
+    subprocess.run([*cmd, "--resume", "--max-steps", "1000"], check=True, env=env(), timeout=300)
+    assert max_relative_error(out, root / "single") <= 1e-5
+
+
+def _val_metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k.startswith("val_")} for row in rows]
+
+
+def test_validation_metrics_equal_on_one_and_two_processes_with_an_uneven_split(tmp_path):
+    """Nine validation images (3 classes x 3) over two processes: no image counted twice or
+    left out, so the validation metrics equal the one-process run's."""
+    data = write_noise_folder(tmp_path / "data", classes=3, per_class=18)
+    flags = [*FLAGS, "--epochs", "1", "--val-split", "0.17"]
+    single = train_cmd(data, tmp_path / "single", tmp_path / "cache", *flags)
+    subprocess.run(single, check=True, env=env(), timeout=300)
+    two = train_cmd(data, tmp_path / "two", tmp_path / "cache", *flags)
+    subprocess.run(torchrun(*module_cmd(two)), check=True, env=env(), timeout=300,
+                   capture_output=True)  # fmt: skip
+    summaries = [json.loads((tmp_path / r / "summary.json").read_text()) for r in ("single", "two")]
+    assert [s["n_val_images"] for s in summaries] == [9, 9]
+    one, both = _val_metrics(tmp_path / "single"), _val_metrics(tmp_path / "two")
+    assert len(one) == len(both) == 1 and one[0].keys() == both[0].keys()
+    for key, value in one[0].items():
+        assert both[0][key] == pytest.approx(value, rel=1e-5), key
+    assert one[0]["val_top1"] * 9 == pytest.approx(round(one[0]["val_top1"] * 9))  # of 9
 
 
 def worker_pids(parent: int) -> dict[int, int]:
@@ -86,15 +118,12 @@ def test_sigkill_one_worker_restarts_and_ends_identical(runs):
     out = root / "killed"
     cmd = torchrun("--max-restarts", "1", *module_cmd(train_cmd(data, out, cache, *FLAGS)))
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while True:
-        assert time.time() < deadline and proc.poll() is None, "never reached step 5"
-        try:
-            if load_state(out / "checkpoint.safetensors")["global_step"] >= 5:
-                break
-        except Exception:
-            pass
-        time.sleep(0.02)
+    wait_until(
+        lambda: load_state(out / "checkpoint.safetensors")["global_step"] >= 5,
+        120,
+        "a checkpoint at step 5",
+        alive=lambda: proc.poll() is None,
+    )
     pids = worker_pids(proc.pid)
     assert set(pids) == {0, 1}
     os.kill(pids[1], signal.SIGKILL)  # rank 1 dies in the middle of epoch 1 (8 steps)

@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from tests.train.test_resume import env, write_noise_folder
+from tests.helpers import env, max_relative_error, write_noise_folder
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +28,6 @@ def train_args(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
         "--lr", "0.01", "--precision", "fp32", "--channels-last", "--augment", "crop_flip",
         "--no-progress", "--no-tensorboard", *extra,
     ]  # fmt: skip
-
-
-def max_relative_error(a: Path, b: Path) -> float:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    return max(
-        float((wa[k] - wb[k]).abs().max() / wb[k].abs().max().clamp(min=1e-12))
-        for k in wb
-        if wb[k].is_floating_point()
-    )
 
 
 def test_sync_bn_two_processes_match_one(tmp_path):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +23,78 @@ STEPS = 3
 HYPER = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 SEED = 0
 CASES = [("ddp", 1), ("butterfly", 1), ("lazy", 1), ("butterfly", 2), ("lazy", 2), ("ddp", 2)]
+
+
+class WireCounter:
+    """Bytes this rank sends, counted where the collectives are issued.
+
+    :meth:`install` wraps ``torch.distributed``'s collectives (and every alias of them that an
+    already imported ``deepimage`` module holds) so that each call adds what a ring algorithm
+    sends for the tensors it is given: all-reduce ``2 (N - 1) / N`` of the buffer,
+    reduce-scatter ``(N - 1) / N`` of the input, all-gather ``(N - 1) / N`` of the output.
+    Only calls made inside :meth:`counting` are counted.
+    """
+
+    def __init__(self) -> None:
+        self.bytes = 0.0
+        self.calls = 0
+        self._active = False
+
+    def _rules(self) -> dict[str, Callable[..., float]]:
+        def size(t: torch.Tensor) -> float:
+            return float(t.numel() * t.element_size())
+
+        def reduce_scatter(n: int, out: torch.Tensor, inp: torch.Tensor, *a, **k) -> float:
+            return (n - 1) / n * size(inp)
+
+        def gather_into(n: int, out: torch.Tensor, inp: torch.Tensor, *a, **k) -> float:
+            return (n - 1) / n * size(out)
+
+        return {
+            "all_reduce": lambda n, t, *a, **k: 2 * (n - 1) / n * size(t),
+            "reduce_scatter_tensor": reduce_scatter,
+            "reduce_scatter_single": reduce_scatter,
+            "all_gather_into_tensor": gather_into,
+            "all_gather_single": gather_into,
+            "all_gather": lambda n, outs, t, *a, **k: (n - 1) * size(t),
+        }
+
+    def install(self) -> None:
+        for name, rule in self._rules().items():
+            original = getattr(dist, name, None)
+            if original is None:  # not in this torch version
+                continue
+
+            def counted(*args, _original=original, _rule=rule, **kwargs):
+                if not self._active:
+                    return _original(*args, **kwargs)
+                self.bytes += _rule(dist.get_world_size(), *args, **kwargs)
+                self.calls += 1
+                self._active = False  # a collective built on another is counted once
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self._active = True
+
+            setattr(dist, name, counted)
+            for module in list(sys.modules.values()):
+                if getattr(module, "__name__", "").startswith("deepimage"):
+                    for attr, value in list(vars(module).items()):
+                        if value is original:
+                            setattr(module, attr, counted)
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+
+    def take(self) -> float:
+        """The bytes counted since the last call."""
+        nbytes, self.bytes = self.bytes, 0.0
+        return nbytes
 
 
 def setup(rank: int, world: int, port: int, timeout: float = 60.0) -> None:
@@ -77,6 +152,8 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
     from deepimage.parallel.registry import build_strategy
     from deepimage.train.step import forward_backward
 
+    wire = WireCounter()
+    wire.install()
     setup(rank, world, port)
     report: dict = {}
     for sync, accum in CASES:
@@ -88,28 +165,32 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
         local = GLOBAL_BATCH // world
         lo, hi = rank * local, (rank + 1) * local
         case = f"{sync}-accum{accum}"
-        per_step_bytes, identical, pending_after_backward = [], [], []
+        per_step_bytes, per_step_wire, identical, pending_after_backward = [], [], [], []
         for step in range(STEPS):
             x, y, rows = batch(step)
             strategy.stats.reset()
-            forward_backward(
-                train_model, x[lo:hi], y[lo:hi], accum_steps=accum, precision="fp32",
-                micro_step=strategy.micro_step, dropout_key=(rows[lo:hi], SEED, step),
-            )  # fmt: skip
-            if sync == "lazy":
-                pending_after_backward.append(
-                    sum(layer.pending is not None for layer in strategy.layers)
-                )
-            strategy.step()
-            strategy.zero_grad()
+            wire.take()
+            with wire.counting():
+                forward_backward(
+                    train_model, x[lo:hi], y[lo:hi], accum_steps=accum, precision="fp32",
+                    micro_step=strategy.micro_step, dropout_key=(rows[lo:hi], SEED, step),
+                )  # fmt: skip
+                if sync == "lazy":
+                    pending_after_backward.append(
+                        sum(layer.pending is not None for layer in strategy.layers)
+                    )
+                strategy.step()
+                strategy.zero_grad()
+                strategy.flush()  # exact weights, to compare across ranks at every step
             per_step_bytes.append(strategy.stats.bytes_sent)
-            strategy.flush()  # exact weights, to compare across ranks at every step
+            per_step_wire.append(wire.take())
             flat = _flat(model)
             gathered = [torch.empty_like(flat) for _ in range(world)]
             dist.all_gather(gathered, flat)
             identical.append(all(torch.equal(gathered[0], t) for t in gathered))
         info = {
             "bytes": per_step_bytes,
+            "wire": per_step_wire,
             "identical": identical,
             "grad_bytes": sum(p.numel() * 4 for p in model.parameters()),
             "n_layers": len(getattr(strategy, "layers", [])),

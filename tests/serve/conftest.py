@@ -1,19 +1,14 @@
-"""Tiny untrained models saved as runs, an ensemble of two sizes, and generated photos."""
+"""Small models with distinct answers per photo saved as runs, an ensemble of two sizes, and
+generated photos whose class is their dominant colour (see :mod:`tests.helpers`)."""
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from deepimage.models import get_model
-from deepimage.runs import WEIGHTS, save_weights
+from tests import helpers
+from tests.helpers import free_port, photo_class, photo_jpeg
 
 CLASSES = ["n01", "n02", "n03"]
 NAMES = {"n01": "tench, Tinca tinca", "n02": "goldfish", "n03": "great white shark"}
@@ -22,52 +17,13 @@ IMAGENET_SAMPLE = SHARED / "imagenet-sample"
 
 
 def make_run(path: Path, *, size: int = 40, crop: int = 32, seed: int = 0) -> Path:
-    """An untrained small VGG saved like a finished training run (fp32)."""
-    torch.manual_seed(seed)
-    model = get_model("vgg16_deepimage", num_classes=len(CLASSES), image_size=crop, width=0.125)
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    with torch.no_grad():  # spread the untrained logits so the classes are told apart
-        last.weight.mul_(3000.0)
-    meta = {
-        "model": "vgg16_deepimage",
-        "model_kwargs": {"width": 0.125},
-        "classes": CLASSES,
-        "class_names": NAMES,
-        "size": size,
-        "crop": crop,
-        "resize_mode": "stretch",
-        "mean": list(model.mean),
-        "std": list(model.std),
-        "precision": "fp32",
-    }
-    path.mkdir(parents=True, exist_ok=True)
-    save_weights(path / WEIGHTS, model, meta)
-    return path
+    """A small VGG fitted to the colour classes of :func:`tests.helpers.photo`, as a run."""
+    return helpers.make_run(path, CLASSES, size=size, crop=crop, seed=seed, names=NAMES)
 
 
-def photo(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
-    """A smooth random colour image (compresses like a photo)."""
-    gen = np.random.default_rng(seed)
-    small = gen.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
-
-
-def jpeg_bytes(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
-    buf = io.BytesIO()
-    photo(seed, size).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def png_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
-    """A PNG whose header claims ``width x height`` pixels (over any sane pixel cap)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+def label(seed: int) -> str:
+    """The class id the fixture models must answer for ``photo_jpeg(seed)``."""
+    return CLASSES[photo_class(seed)]
 
 
 @pytest.fixture(scope="session")
@@ -92,20 +48,12 @@ def image_folder(tmp_path) -> Path:
     root = tmp_path / "images"
     (root / "sub").mkdir(parents=True)
     for i in range(4):
-        (root / f"img{i}.jpg").write_bytes(jpeg_bytes(i))
-    (root / "sub" / "img4.jpg").write_bytes(jpeg_bytes(4, (30, 90)))
-    (root / "truncated.jpg").write_bytes(jpeg_bytes(5)[:300])
+        (root / f"img{i}.jpg").write_bytes(photo_jpeg(i))
+    (root / "sub" / "img4.jpg").write_bytes(photo_jpeg(4, (30, 90)))
+    (root / "truncated.jpg").write_bytes(photo_jpeg(5)[:300])
     (root / "notes.txt").write_text("not an image\n")
     (root / "empty.png").write_bytes(b"")
     return root
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(source: Path, *extra: str, timeout: float = 90.0):
@@ -116,7 +64,6 @@ def start_server(source: Path, *extra: str, timeout: float = 90.0):
     import os
     import subprocess
     import sys
-    import time
 
     import httpx
 
@@ -128,14 +75,17 @@ def start_server(source: Path, *extra: str, timeout: float = 90.0):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become healthy in time")
+
+    try:
+        helpers.wait_until(
+            lambda: httpx.get(f"{url}/health", timeout=1).status_code == 200,
+            timeout,
+            "the server to answer /health",
+            alive=lambda: proc.poll() is None,
+        )
+    except AssertionError:
+        raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}") from None
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc, url

@@ -13,8 +13,9 @@ from fastapi.testclient import TestClient
 from deepimage.serve.app import create_app
 from deepimage.serve.batcher import MicroBatcher
 from deepimage.serve.predict import Predictor
+from tests.helpers import photo, photo_jpeg, png_bomb
 
-from .conftest import jpeg_bytes, png_bomb
+from .conftest import label
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +56,20 @@ def test_health_classes_docs_and_page(client):
 
 
 def test_multipart_and_raw_bytes_give_predicts_answer(client, predictor):
-    data = jpeg_bytes(11)
+    data = photo_jpeg(11)
     raw = client.post("/predict?topk=3", content=data,
                       headers={"content-type": "image/jpeg"})  # fmt: skip
     form = client.post("/predict?topk=3", files={"file": ("x.jpg", data, "image/jpeg")})
     assert raw.status_code == form.status_code == 200
     _same(raw.json()["top"], _expected(predictor, data, 3))
     _same(form.json()["top"], _expected(predictor, data, 3))
+    assert raw.json()["top"][0]["class_id"] == label(11)
     assert len(client.post("/predict", content=data).json()["top"]) == 3  # only 3 classes
     assert client.post("/predict?topk=0", content=data).status_code == 422
 
 
 def _truncated() -> bytes:
     buf = io.BytesIO()
-    from .conftest import photo
-
     photo(1, (120, 90)).save(buf, "PNG")
     return buf.getvalue()[:-200]
 
@@ -114,19 +114,20 @@ def test_multipart_without_a_file_is_400(client):
 
 def test_concurrent_requests_share_forward_passes(predictor):
     app = create_app(predictor, max_batch=32, max_wait_ms=300)
-    images = [jpeg_bytes(100 + i) for i in range(24)]
+    images = [photo_jpeg(100 + i) for i in range(24)]
     with TestClient(app) as client, ThreadPoolExecutor(24) as pool:
         responses = list(pool.map(lambda d: client.post("/predict", content=d), images))
         health = client.get("/health").json()
     assert all(r.status_code == 200 for r in responses)
-    for response, data in zip(responses, images):
+    for i, (response, data) in enumerate(zip(responses, images)):
         _same(response.json()["top"], _expected(predictor, data))
+        assert response.json()["top"][0]["class_id"] == label(100 + i)  # its own answer
     assert health["images"] == 24
     assert health["forwards"] <= 8 and health["largest_batch"] >= 3
 
 
 def test_batcher_splits_at_max_batch_and_matches_one_by_one(predictor):
-    images = [predictor.load_image(jpeg_bytes(200 + i)) for i in range(20)]
+    images = [predictor.load_image(photo_jpeg(200 + i)) for i in range(20)]
 
     async def go():
         batcher = MicroBatcher(predictor, max_batch=8, max_wait=0.2)
@@ -138,15 +139,55 @@ def test_batcher_splits_at_max_batch_and_matches_one_by_one(predictor):
 
     rows, stats = asyncio.run(go())
     assert (stats.forwards, stats.images, stats.largest) == (3, 20, 8)
-    for row, image in zip(rows, images):
+    for i, (row, image) in enumerate(zip(rows, images)):
         np.testing.assert_allclose(row, predictor.probabilities(predictor.stack([image]))[0],
                                    atol=1e-5)  # fmt: skip
+        assert predictor.meta["classes"][int(np.argmax(row))] == label(200 + i)
 
 
 def test_ensemble_is_served(ensemble_dir):
     predictor = Predictor.load(ensemble_dir, device="cpu")
-    data = jpeg_bytes(5)
+    data = photo_jpeg(5)
     with TestClient(create_app(predictor)) as client:
         response = client.post("/predict", content=data)
     assert response.status_code == 200
     _same(response.json()["top"], _expected(predictor, data))
+    assert response.json()["top"][0]["class_id"] == label(5)
+
+
+def test_serve_defaults_cap_bodies_at_10_mb_and_images_at_40_megapixels(run_dir, monkeypatch):
+    """README: ``--max-body-mb`` (10) and ``--max-pixels`` (40 M) by default. ``deepimage
+    serve`` with no such flags; its app is exercised in place of uvicorn's server."""
+    import uvicorn
+
+    from deepimage.cli import main
+
+    answers = {}
+    mb = 1024 * 1024
+    probes = {
+        "body over 10 MB": b"\xff" * (10 * mb + 1),
+        "body of 10 MB": b"\xff" * (10 * mb),
+        "over 40 M pixels": png_bomb(6325, 6325, bit_depth=1, color_type=0),  # 40,005,625
+        "under 40 M pixels": png_bomb(6324, 6324, bit_depth=1, color_type=0),  # 39,992,976
+    }
+
+    class InPlaceOfUvicorn:
+        started = True
+
+        def __init__(self, config: uvicorn.Config) -> None:
+            self.app = config.app
+
+        def run(self) -> None:
+            with TestClient(self.app) as client:
+                for name, body in probes.items():
+                    response = client.post("/predict", content=body)
+                    answers[name] = (response.status_code, response.json()["detail"])
+
+    monkeypatch.setattr(uvicorn, "Server", InPlaceOfUvicorn)
+    assert main(["serve", str(run_dir), "--log-level", "warning"]) == 0
+    assert answers["body over 10 MB"][0] == 413
+    assert answers["body of 10 MB"][0] == 415  # read in full, then found not to be an image
+    assert answers["over 40 M pixels"][0] == 400
+    assert "too many pixels" in answers["over 40 M pixels"][1]
+    assert answers["under 40 M pixels"][0] == 400  # a header without pixels: truncated
+    assert "too many pixels" not in answers["under 40 M pixels"][1]

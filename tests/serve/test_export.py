@@ -15,8 +15,11 @@ from deepimage.serve import export as export_mod
 from deepimage.serve.app import create_app
 from deepimage.serve.export import ParityError, export, model_input, read_torchscript_meta
 from deepimage.serve.predict import Predictor
+from tests.helpers import photo_jpeg
 
-from .conftest import IMAGENET_SAMPLE, jpeg_bytes
+from .conftest import IMAGENET_SAMPLE, label
+
+pytestmark = pytest.mark.slow  # exports and runs onnxruntime
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def samples(tmp_path_factory):
         return [str(IMAGENET_SAMPLE)]
     folder = tmp_path_factory.mktemp("samples")
     for i in range(6):
-        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+        (folder / f"{i}.jpg").write_bytes(photo_jpeg(i))
     return [str(folder)]
 
 
@@ -89,7 +92,7 @@ def test_onnx_backend_serves_the_same_answers(onnx_file, run_dir):
     torch_predictor = Predictor.load(run_dir, device="cpu", precision="fp32")
     onnx_predictor = Predictor.load(onnx_file)
     assert onnx_predictor.backend == "onnx"
-    data = jpeg_bytes(9)
+    data = photo_jpeg(9)
     with TestClient(create_app(onnx_predictor)) as client:
         answer = client.post("/predict", content=data).json()
         assert client.get("/health").json()["backend"] == "onnx"
@@ -98,6 +101,7 @@ def test_onnx_backend_serves_the_same_answers(onnx_file, run_dir):
         5,
     )
     assert [p["class_id"] for p in answer["top"]] == [p["class_id"] for p in expected]
+    assert answer["top"][0]["class_id"] == label(9)
     for got, exp in zip(answer["top"], expected):
         assert got["probability"] == pytest.approx(exp["probability"], abs=1e-4)
 
@@ -117,7 +121,7 @@ def test_parity_defaults_to_photos_of_the_runs_own_data(tmp_path):
     photos.mkdir()
     rows = ["path,label"]
     for i in range(12):
-        (photos / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+        (photos / f"{i}.jpg").write_bytes(photo_jpeg(i))
         rows.append(f"{photos / f'{i}.jpg'},{'ab'[i % 2]}")
     manifest = tmp_path / "train.csv"
     manifest.write_text("\n".join(rows) + "\n")

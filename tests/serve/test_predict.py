@@ -13,8 +13,9 @@ from deepimage.data.decode import decode_image
 from deepimage.inference import posteriors_for
 from deepimage.runs import CheckpointError, load_model
 from deepimage.serve.predict import Predictor
+from tests.helpers import photo_jpeg
 
-from .conftest import jpeg_bytes, make_run
+from .conftest import label, make_run
 
 
 def _reference(run, data: bytes) -> np.ndarray:
@@ -28,10 +29,11 @@ def _reference(run, data: bytes) -> np.ndarray:
 
 def test_one_member_uses_evaluates_preprocessing(run_dir):
     predictor = Predictor.load(run_dir, device="cpu", precision="fp32")
-    data = jpeg_bytes(7)
+    data = photo_jpeg(7)
     probs = predictor.probabilities(predictor.stack([predictor.load_image(data)]))[0]
     np.testing.assert_allclose(probs, _reference(run_dir, data), atol=1e-6)
     top = predictor.top(probs, 2)
+    assert top[0]["class_id"] == label(7)
     assert [p["probability"] for p in top] == sorted(probs, reverse=True)[:2]
     assert top[0]["name"] == predictor.meta["class_names"][top[0]["class_id"]]
 
@@ -39,13 +41,14 @@ def test_one_member_uses_evaluates_preprocessing(run_dir):
 def test_ensemble_averages_members_each_at_its_own_size(ensemble_dir):
     predictor = Predictor.load(ensemble_dir, device="cpu", precision="fp32")
     assert len(predictor.members) == 2 and predictor.views == [(40, "stretch"), (48, "stretch")]
-    data = jpeg_bytes(3)
+    data = photo_jpeg(3)
     views = predictor.load_image(data)
     assert [v.shape for v in views] == [(40, 40, 3), (48, 48, 3)]
     got = predictor.probabilities(predictor.stack([views, views]))
     expected = (_reference(ensemble_dir / "s40", data) + _reference(ensemble_dir / "s48", data)) / 2
     np.testing.assert_allclose(got[0], expected, atol=1e-6)
     np.testing.assert_allclose(got[1], expected, atol=1e-6)
+    assert predictor.meta["classes"][int(np.argmax(got[0]))] == label(3)
     assert predictor.name == "vgg16_deepimage + vgg16_deepimage"
 
 
@@ -68,11 +71,12 @@ def test_ensemble_with_different_classes_is_refused(tmp_path):
 
 def test_cli_predict_accepts_an_ensemble_manifest(ensemble_dir, tmp_path, capsys):
     image = tmp_path / "a.jpg"
-    image.write_bytes(jpeg_bytes(1))
+    image.write_bytes(photo_jpeg(1))
     assert main(["predict", str(ensemble_dir / "ensemble.json"), str(image), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     expected = Predictor.load(ensemble_dir, device="cpu").predict_files([image], topk=5)[0]
     assert result == json.loads(json.dumps(expected))
+    assert result["top"][0]["class_id"] == label(1)
 
 
 def test_cli_predict_needs_images_or_a_folder(run_dir, capsys):

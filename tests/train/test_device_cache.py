@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -10,7 +11,9 @@ from deepimage.config import resolve_config
 from deepimage.data.cache import store_for
 from deepimage.data.loader import DeviceCache, iterate_batches, train_batches
 from deepimage.train.loop import Trainer, train
-from tests.data.messy import write_flat_folder
+from tests.helpers import write_flat_folder
+
+pytestmark = pytest.mark.slow  # trains twice for a bitwise comparison
 
 
 def config(data, out, cache, **extra):

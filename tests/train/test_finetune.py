@@ -18,8 +18,9 @@ from deepimage.models.transfer import set_trainable, weight_layers
 from deepimage.runs import WEIGHTS, save_weights
 from deepimage.train.finetune import finetune_config
 from deepimage.train.loop import start_model, train
-from tests.test_ensemble import fake_run
-from tests.train.test_multiscale import noise_folder
+from tests.helpers import make_run, write_noise_folder
+
+pytestmark = pytest.mark.slow  # trains, resumes and fine-tunes
 
 HEAD = "classifier.7"  # the softmax layer of the deepimage VGG
 
@@ -27,7 +28,8 @@ HEAD = "classifier.7"  # the softmax layer of the deepimage VGG
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
-    return fake_run(root / "source", ["x", "y"], size=40), noise_folder(root / "data")
+    data = write_noise_folder(root / "data", classes=3, per_class=8, size=48, prefix="c")
+    return make_run(root / "source", ["x", "y"], size=40, width=0.0625), data
 
 
 def tiny_config(source: Path, data: Path, out: Path, **extra):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from safetensors.torch import load_file
 
 from deepimage.cli import main
@@ -16,22 +15,15 @@ from deepimage.config import ConfigError, resolve_config
 from deepimage.ensemble import expand_sources, load_members
 from deepimage.train.loop import RunExistsError, train
 from deepimage.train.multiscale import member_configs, train_multiscale
+from tests.helpers import write_noise_folder
 
-
-def noise_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 48) -> Path:
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"c{c}").mkdir(parents=True)
-        for i in range(per_class):
-            img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-            img[:, :, c] = img[:, :, c] // 2 + 100
-            Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
-    return root
+pytestmark = pytest.mark.slow  # trains one model per size
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return noise_folder(tmp_path_factory.mktemp("ms") / "data")
+    root = tmp_path_factory.mktemp("ms") / "data"
+    return write_noise_folder(root, classes=3, per_class=8, size=48, prefix="c")
 
 
 def base_config(data: Path, out: Path, **extra):

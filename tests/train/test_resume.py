@@ -7,49 +7,18 @@ with SIGINT) in the middle of an epoch, and resumed with ``--resume``.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from deepimage.runs import load_state
+from tests.helpers import env, train_cmd, wait_until, write_noise_folder
 
 pytestmark = pytest.mark.slow
-
-
-def write_noise_folder(root: Path, classes: int = 4, per_class: int = 18, size: int = 40):
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            base = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-            base[:, :, c % 3] = (base[:, :, c % 3] // 2) + 100  # a learnable colour bias
-            Image.fromarray(base).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
-def train_cmd(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "deepimage", "-q", "train",
-        "--data", str(data), "--out", str(out), "--cache-dir", str(cache),
-        "--model", "vgg16_deepimage", "--width", "0.0625", "--size", "40", "--crop", "32",
-        "--epochs", "3", "--batch-size", "8", "--checkpoint-every", "1", "--workers", "2",
-        "--lr", "0.05", "--no-progress", "--no-tensorboard", *extra,
-    ]  # fmt: skip
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["OMP_NUM_THREADS"] = "1"  # identical thread count in every process of the comparison
-    return e
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +31,15 @@ def reference(tmp_path_factory):
 
 
 def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "training ended before it could be interrupted"
-        try:
-            state = load_state(run / "checkpoint.safetensors")
-            if state["global_step"] >= step:
-                return int(state["global_step"])
-        except Exception:
-            pass
-        time.sleep(0.02)
-    raise TimeoutError(f"no checkpoint at step {step}")
+    """The step of the first checkpoint at or after ``step`` (the process must still run)."""
+
+    def reached() -> int:
+        done = int(load_state(run / "checkpoint.safetensors")["global_step"])
+        return done if done >= step else 0
+
+    return wait_until(
+        reached, timeout, f"a checkpoint at step {step}", alive=lambda: proc.poll() is None
+    )
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -96,8 +63,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(reference):
     for kill_at in (4, 13):
         proc = subprocess.Popen(cmd + (["--resume"] if out.exists() else []), env=env())
         reached = wait_for_step(out, kill_at, proc)
-        time.sleep(0.05 * (kill_at % 3))  # land anywhere inside the next step
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL)  # inside the step after that checkpoint
         proc.wait()
         assert proc.returncode == -signal.SIGKILL
         assert reached % 8 != 0  # 64 training images, 8 steps per epoch: mid-epoch
@@ -106,13 +72,16 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(reference):
     assert_same_run(ref, out)
 
 
-def test_sigint_saves_and_resume_is_bitwise_exact(reference):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_saves_and_resume_is_bitwise_exact(reference, sig):
+    """Ctrl-C or SIGTERM: a checkpoint at the end of the current step, exit status 130, and
+    a resumed run equal to the uninterrupted one."""
     root, data, ref = reference
-    out = root / "interrupted"
+    out = root / f"interrupted-{sig.name}"
     cmd = train_cmd(data, out, root / "cache")
     proc = subprocess.Popen(cmd, env=env())
     wait_for_step(out, 9, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     assert proc.wait(timeout=60) == 130
     state = load_state(out / "checkpoint.safetensors")
     assert 9 <= state["global_step"] < 24

@@ -8,36 +8,16 @@ what a reader is expected to do with each file.
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, features
 
+from tests.helpers import jpeg_bytes, png_bomb
+
 EXIF_ORIENTATION = 0x0112
 CLASS_NAMES = {"birds": "Aves, birds", "cats": "Felis catus", "dogs": "Canis familiaris"}
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def header_only_png(width: int, height: int, bit_depth: int = 1, color_type: int = 0) -> bytes:
-    """A PNG whose header claims ``width x height`` but whose pixel data is a few bytes.
-
-    Opening it is cheap; decoding it would fail. Used to check that oversized images are
-    refused from the header alone (decompression bomb guard).
-    """
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 64)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", idat)
-        + _png_chunk(b"IEND", b"")
-    )
 
 
 def marked_rgb(width: int, height: int, base=(40, 90, 200), mark=(250, 20, 20)) -> Image.Image:
@@ -51,14 +31,6 @@ def marked_rgb(width: int, height: int, base=(40, 90, 200), mark=(250, 20, 20)) 
 def noisy_rgb(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def jpeg_bytes(img: Image.Image, **kwargs: Any) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90, **kwargs)
-    return buf.getvalue()
 
 
 def exif_jpeg(img: Image.Image, orientation: int) -> bytes:
@@ -183,7 +155,7 @@ def make_messy_folder(root: str | Path) -> dict[str, Any]:
     # birds: other formats and modes, and a decompression bomb.
     write("birds/exif_rotate8.jpg", exif_jpeg(marked_rgb(40, 24), 8))
     good("birds/exif_rotate8.jpg", (24, 40))
-    write("birds/bomb.png", header_only_png(30_000, 30_000))
+    write("birds/bomb.png", png_bomb(30_000, 30_000, bit_depth=1, color_type=0))
     bad("birds/bomb.png", "too many pixels")
     save("birds/frame.gif", Image.new("RGB", (14, 10), (0, 255, 0)).convert("P"))
     good("birds/frame.gif", (14, 10), (0, 255, 0))
@@ -219,15 +191,3 @@ def make_messy_folder(root: str | Path) -> dict[str, Any]:
         "sizes": sizes,
         "colors": colors,
     }
-
-
-def write_flat_folder(root: Path, counts: dict[str, int], size: int = 12) -> Path:
-    """ImageFolder with ``counts[class]`` flat-colour PNGs per class, colours all distinct."""
-    k = 0
-    for c, n in counts.items():
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            color = (17 * k % 256, 53 * k % 256, 101 * k % 256)
-            Image.new("RGB", (size + i, size), color).save(root / c / f"{i:03d}.png")
-            k += 1
-    return root
