@@ -398,3 +398,74 @@ def test_store_for_index_subsets_get_their_own_stores(flat_folder, tmp_path):
 def test_decode_error_type_is_not_a_data_error():
     # DecodeError marks one bad file (skipped); DataError means the data set is unusable.
     assert not issubclass(DecodeError, DataError)
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_a_version_1_store_still_opens_and_reads(tmp_path):
+    """``fixtures/store_v1`` was written by the version 1 ``prepare_store`` (raw uint8 files):
+    seven flat-colour images of ``write_flat_folder`` and one undecodable file."""
+    from deepimage.data.loader import iterate_batches
+
+    store = Store.open(FIXTURES / "store_v1")
+    assert store.version == 1 and store.encoding == "raw" and len(store) == 7
+    assert store.sizes == [4, 6] and len(store.skipped) == 1
+    source = write_flat_folder(tmp_path / "flat", {"a": 3, "b": 2, "c": 2})
+    expected = np.stack([decode_image(p, 6) for p in scan_folder(source).paths])
+    rows = np.array([5, 0, 3])
+    assert np.array_equal(store.read(6, rows), expected[rows])
+    assert np.array_equal(store.images(6), expected)
+    images, labels, got_rows = next(iterate_batches(store.path, 6, [rows]))
+    assert np.array_equal(images.numpy(), expected[rows]) and got_rows.tolist() == [5, 0, 3]
+    assert labels.tolist() == store.labels[rows].tolist()
+    assert store_for(FIXTURES / "store_v1", [6]).path == store.path
+
+
+def test_auto_encoding_is_raw_within_the_budget_and_jpeg_over_it(flat_folder, tmp_path, caplog):
+    from deepimage.data.prepare import choose_encoding, memory_budget
+
+    need = 12 * 3 * (8 * 8 + 16 * 16)
+    assert choose_encoding("auto", 12, [8, 16], budget=need)[0] == "raw"
+    chosen, why = choose_encoding("auto", 12, [8, 16], budget=need - 1)
+    assert chosen == "jpeg" and "exceed the budget" in why
+    assert choose_encoding("raw", 10**9, [512])[0] == "raw"
+    assert 0 < memory_budget() < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with caplog.at_level(logging.INFO, logger="deepimage.data.prepare"):
+        store = prepare_store(
+            scan_folder(flat_folder), tmp_path / "s", [8, 16], workers=0, progress=False,
+            budget=need - 1,
+        )  # fmt: skip
+    assert store.encoding == "jpeg" and store.manifest["encoding_reason"] == why
+    assert any(r.getMessage() == f"encoding {why}" for r in caplog.records)
+    with pytest.raises(DataError, match="encoding must be one of"):
+        choose_encoding("png", 1, [8])
+
+
+def test_preparation_streams_a_bounded_number_of_images(flat_folder):
+    """Workers are fed a bounded number of images ahead of the writer, however many there
+    are: the task list is consumed as results come back, never all at once."""
+    from tqdm import tqdm
+
+    from deepimage.data.prepare import _Encoding, _run_encoding
+
+    path = scan_folder(flat_folder).paths[0]
+    taken = []
+
+    def tasks():
+        for i in range(100_000):
+            taken.append(i)
+            yield i, path, -1, -1
+
+    enc = _Encoding([8], "stretch", None, "raw", 90)
+    results = _run_encoding(tasks(), enc, 2, tqdm(disable=True))
+    for _ in range(40):
+        next(results)
+    assert 40 <= len(taken) <= 40 + 2 * 4 * 16 + 16  # workers x chunks in flight x chunk
+    results.close()
+
+
+def test_progress_bar_shows_images_per_second_and_time_left(flat_folder, tmp_path, capsys):
+    prepare_store(scan_folder(flat_folder), tmp_path / "s", [8], workers=0, progress=True)
+    err = capsys.readouterr().err
+    assert "preparing store" in err and "img/s" in err and "<" in err  # elapsed<left
