@@ -1,6 +1,6 @@
 """The ``deepimage`` command line: parses flags, builds typed config, calls the library.
 
-Sub-commands: demo, prepare, train, finetune, evaluate, models, bench here; predict, serve
+Sub-commands: demo, prepare, verify, train, finetune, evaluate, models, bench here; predict, serve
 and export in :mod:`deepimage.serve.cli`; augment in :mod:`deepimage.augment.cli`. The three
 command modules share one shape:
 
@@ -102,15 +102,26 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="decode once into a multi-scale uint8 store")
-    p.add_argument("data", help="ImageFolder directory or CSV manifest")
+    p = sub.add_parser("prepare", help="decode once into a multi-scale, sharded store")
+    p.add_argument("data", nargs="?", default=None,
+                   help="image folder, CSV or tar shards ('a-{00..09}.tar')")  # fmt: skip
+    p.add_argument("--data", dest="data_flag", default=None, help="the same as DATA")
     p.add_argument("--sizes", type=int, nargs="+", required=True)
     p.add_argument("--out", required=True, help="store folder")
+    p.add_argument("--encoding", choices=["auto", "raw", "jpeg"], default="auto",
+                   help="auto (default): raw if it fits a quarter of RAM, else jpeg")  # fmt: skip
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--shard-mb", type=float, default=1024, help="shard size bound (MiB)")
     p.add_argument("--resize-mode", choices=["stretch", "shorter"], default="stretch")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default all)")
     p.add_argument("--max-pixels", type=int, default=None)
     p.add_argument("--class-names", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check every shard of a store against its SHA-256")
+    p.add_argument("store", help="store folder")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -162,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
-        _add_demo, _add_prepare, _add_train, _add_finetune, _add_evaluate,
+        _add_demo, _add_prepare, _add_verify, _add_train, _add_finetune, _add_evaluate,
         serve_cli.add_parsers,  # predict, serve, export
         _add_models, augment_cli.add_parser, bench_cli.add_parsers,
     ):  # fmt: skip
@@ -246,7 +257,9 @@ def run_prepare(args: argparse.Namespace) -> int:
     from deepimage.data.index import load_index
     from deepimage.data.prepare import prepare_store
 
-    index = load_index(args.data, class_names_file=args.class_names)
+    if (args.data is None) == (args.data_flag is None):
+        raise ValueError("prepare: give the data once, as DATA or --data")
+    index = load_index(args.data or args.data_flag, class_names_file=args.class_names)
     store = prepare_store(
         index,
         args.out,
@@ -255,11 +268,26 @@ def run_prepare(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         workers=args.workers,
         progress=args.progress,
+        encoding=args.encoding,
+        quality=args.quality,
+        shard_bytes=int(args.shard_mb * 2**20),
     )
+    why = store.manifest.get("encoding_reason") or store.encoding
+    print(f"encoding {why}")
     print(
         f"store {store.path}: {len(store)} images, {len(store.classes)} classes, "
-        f"sizes {' '.join(map(str, store.sizes))}, {len(store.skipped)} skipped"
+        f"sizes {' '.join(map(str, store.sizes))}, {len(store.skipped)} skipped, "
+        f"{len(store.shard_files())} shards"
     )
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from deepimage.data.store import Store
+
+    store = Store.open(args.store)
+    store.verify()
+    print(f"store {store.path}: {len(store.shard_files())} shards match their SHA-256")
     return 0
 
 
@@ -314,6 +342,7 @@ def run_demo(args: argparse.Namespace) -> int:
 RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": run_demo,
     "prepare": run_prepare,
+    "verify": run_verify,
     "train": run_train,
     "finetune": run_finetune,
     "evaluate": run_evaluate,

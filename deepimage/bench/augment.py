@@ -221,7 +221,10 @@ def prepare(files: list[Path], size: int, cache: Path) -> Path:
 
     index = DatasetIndex(str(files[0].parent), ["all"], [Sample(str(f), 0) for f in files])
     out = cache / f"store-{size}"
-    prepare_store(index, out, [size], workers=0, progress=False)
+    # Raw pixels in one shard: Store.images maps them, and crop windows are read alone.
+    prepare_store(
+        index, out, [size], workers=0, progress=False, encoding="raw", shard_bytes=1 << 62
+    )
     return out
 
 

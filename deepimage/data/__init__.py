@@ -1,4 +1,4 @@
-"""Data: index image folders and CSVs, decode robustly, prepare memory-mapped stores."""
+"""Data: index image folders, CSVs and tar shards, decode robustly, prepare sharded stores."""
 
 from deepimage.data.cache import store_for
 from deepimage.data.decode import (
@@ -19,12 +19,14 @@ from deepimage.data.index import (
     read_class_names,
     read_manifest,
     scan_folder,
+    scan_tars,
     split_index,
 )
 from deepimage.data.prepare import prepare_store
-from deepimage.data.store import IncompleteStoreError, Store
+from deepimage.data.store import CorruptShardError, IncompleteStoreError, Store
 
 __all__ = [
+    "CorruptShardError",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "DataError",
@@ -43,6 +45,7 @@ __all__ = [
     "resize_array",
     "resize_image",
     "scan_folder",
+    "scan_tars",
     "split_index",
     "store_for",
 ]

@@ -1,8 +1,9 @@
-"""The store cache: the prepared store of a folder or CSV, found or prepared on demand.
+"""The store cache: the prepared store of a folder, CSV or tar shards, found or prepared.
 
-:func:`store_for` opens a store folder as it is; for a folder, a CSV or an index it names a
-store in the cache folder after the source and the parameters, and prepares it (again, when
-the files changed) with :func:`~deepimage.data.prepare.prepare_store`.
+:func:`store_for` opens a store folder as it is; for a folder, a CSV, tar shards (a brace
+pattern) or an index it names a store in the cache folder after the source and the
+parameters, and prepares it (again, when the files changed; resuming, when interrupted) with
+:func:`~deepimage.data.prepare.prepare_store`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from deepimage.data.decode import DEFAULT_MAX_PIXELS, ResizeMode, check_mode
-from deepimage.data.index import DataError, DatasetIndex, load_index
+from deepimage.data.decode import DEFAULT_MAX_PIXELS, JPEG_QUALITY, ResizeMode, check_mode
+from deepimage.data.index import DataError, DatasetIndex, is_tar_source, load_index
 from deepimage.data.prepare import check_sizes, prepare_store
 from deepimage.data.store import MANIFEST, Store, is_store_file, leftover_builds
 
@@ -48,8 +50,10 @@ def store_for(
     workers: int | None = None,
     progress: bool = True,
     class_names_file: str | os.PathLike[str] | None = None,
+    encoding: str = "auto",
+    quality: int = JPEG_QUALITY,
 ) -> Store:
-    """A store for ``source`` (folder, CSV, index or an existing store folder) with ``sizes``.
+    """A store for ``source`` (folder, CSV, tar shards, index or a store folder) with ``sizes``.
 
     An existing store folder is opened directly (it must hold the sizes and mode). Otherwise
     the store lives in ``cache_dir`` (default :func:`default_cache_dir`) under a name derived
@@ -59,7 +63,7 @@ def store_for(
     check_mode(mode)
     if not isinstance(source, DatasetIndex):
         src = Path(source).expanduser().absolute()
-        if _looks_like_store(src):
+        if not is_tar_source(source) and _looks_like_store(src):
             store = Store.open(src)
             missing = [s for s in sizes_l if s not in store.sizes]
             if missing or store.mode != mode:
@@ -70,7 +74,8 @@ def store_for(
             return store
         index = load_index(src, class_names_file)
         identity = str(src)
-        name = src.stem if src.suffix.lower() == ".csv" else src.name
+        name = src.stem if src.suffix.lower() in (".csv", ".tar") else src.name
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
     else:
         index = source
         h = hashlib.sha256()
@@ -82,5 +87,13 @@ def store_for(
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     out = root / f"{name or 'data'}-{'-'.join(map(str, sizes_l))}-{mode}-{key}"
     return prepare_store(
-        index, out, sizes_l, mode=mode, max_pixels=max_pixels, workers=workers, progress=progress
+        index,
+        out,
+        sizes_l,
+        mode=mode,
+        max_pixels=max_pixels,
+        workers=workers,
+        progress=progress,
+        encoding=encoding,
+        quality=quality,
     )

@@ -1,9 +1,10 @@
 """Dataset indexes: which image files belong to which class.
 
 An index is a cheap, picklable list of ``(absolute path, label)`` pairs plus the class ids
-and optional readable class names. It is built from an ImageFolder-style directory or a
-``path,label`` CSV and never opens the images themselves: decoding is a separate step
-(:mod:`deepimage.data.decode`) so a corrupt file costs one skipped sample, not a crash.
+and optional readable class names. It is built from an ImageFolder-style directory, a
+``path,label`` CSV or WebDataset tar shards (``train-{000000..000146}.tar``), and never
+decodes the images themselves: decoding is a separate step (:mod:`deepimage.data.decode`) so
+a corrupt file costs one skipped sample, not a crash.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
+import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +35,22 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One image file and its class index."""
+    """One image file and its class index.
+
+    A member of a tar archive has ``path`` ``<archive>.tar#<member>`` and the byte ``offset``
+    and ``size`` of its data in the archive (:func:`read_sample` reads them); a plain file
+    has ``offset`` -1.
+    """
 
     path: str
     label: int
+    offset: int = -1
+    size: int = -1
+
+    @property
+    def file(self) -> str:
+        """The file to read: the archive for a tar member, else ``path``."""
+        return archive_of(self.path) if self.offset >= 0 else self.path
 
 
 @dataclass
@@ -46,6 +61,7 @@ class DatasetIndex:
     classes: list[str]
     samples: list[Sample]
     class_names: dict[str, str] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # bad samples found by indexing
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -222,10 +238,148 @@ def read_manifest(
     return DatasetIndex(folder, classes, samples, _class_names_for(folder, class_names_file))
 
 
+# --------------------------------------------------------------------------- tar shards
+
+TAR_IMAGE_EXTENSIONS = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS) | {"ppm", "pgm", "pnm"}
+TAR_LABEL_EXTENSIONS = ("cls", "cls.txt", "class", "label")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset: key up to the first dot
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion as WebDataset uses it: ``a-{000..002}.tar`` (ranges keep
+    the zero padding) and ``{train,val}.tar`` (lists); several braces multiply."""
+    found = _BRACE.search(pattern)
+    if found is None:
+        return [pattern]
+    body, head, tail = found.group(1), pattern[: found.start()], pattern[found.end() :]
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if span:
+        a, b = span.groups()
+        width = max(len(a), len(b)) if a.startswith("0") or b.startswith("0") else 0
+        step = 1 if int(b) >= int(a) else -1
+        items = [f"{k:0{width}d}" for k in range(int(a), int(b) + step, step)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        raise DataError(f"cannot expand {{{body}}} in {pattern!r}: use {{A..B}} or {{x,y}}")
+    return [out for item in items for out in expand_braces(head + item + tail)]
+
+
+def is_tar_source(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` names tar shards (a ``.tar`` path or a brace pattern of them)."""
+    text = os.fspath(source)
+    return text.lower().endswith(".tar") and not os.path.isdir(os.path.expanduser(text))
+
+
+def archive_of(path: str) -> str:
+    """The archive of a tar member's sample path ``<archive>.tar#<member>``."""
+    cut = path.rfind(".tar#")
+    if cut < 0:
+        raise ValueError(f"not a tar member path: {path}")
+    return path[: cut + 4]
+
+
+def read_sample(sample: Sample) -> str | bytes:
+    """What :func:`~deepimage.data.decode.open_image` decodes: a path, or a member's bytes."""
+    if sample.offset < 0:
+        return sample.path
+    with open(sample.file, "rb") as f:
+        return os.pread(f.fileno(), sample.size, sample.offset)
+
+
+def _read_label(text: bytes) -> str:
+    return text.decode("utf-8", "replace").strip()
+
+
+def _scan_tar(tar: str) -> tuple[list[tuple[str, str, int, int, str | None]], list[dict]]:
+    """(sample path, key, data offset, size, label text) of each sample with an image, and the
+    bad samples with their reasons."""
+    found: dict[str, dict] = {}
+    bad: list[dict[str, str]] = []
+    file_size = os.path.getsize(tar)
+    try:
+        with tarfile.open(tar, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                kx = _KEY_EXT.match(m.name)
+                if kx is None:
+                    continue
+                key, ext = kx.group(1), kx.group(2).lower()
+                entry = found.setdefault(key, {})
+                if m.offset_data + m.size > file_size:
+                    raise tarfile.ReadError(f"member {m.name} runs past the end of the file")
+                if ext in TAR_IMAGE_EXTENSIONS and "image" not in entry:
+                    entry["image"] = (f"{tar}#{m.name}", m.offset_data, m.size)
+                elif ext in TAR_LABEL_EXTENSIONS and "label" not in entry:
+                    fobj = tf.extractfile(m)
+                    entry["label"] = _read_label(fobj.read() if fobj else b"")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        reason = f"truncated or corrupt archive: {' '.join(str(e).split()) or type(e).__name__}"
+        logger.warning("%s: %s (kept the %d samples before it)", tar, reason, len(found))
+        bad.append({"path": tar, "reason": reason})
+    out = []
+    for key, entry in found.items():
+        where = f"{tar}#{key}"
+        if "image" not in entry:
+            bad.append({"path": where, "reason": "no image in sample"})
+        elif not entry.get("label"):
+            bad.append({"path": where, "reason": f"no label ({', '.join(TAR_LABEL_EXTENSIONS)})"})
+        else:
+            path, offset, size = entry["image"]
+            out.append((path, key, offset, size, entry["label"]))
+    return out, bad
+
+
+def scan_tars(
+    source: str | os.PathLike[str], class_names_file: str | os.PathLike[str] | None = None
+) -> DatasetIndex:
+    """Index WebDataset tar shards: one ``.tar`` or a brace pattern of local paths.
+
+    A sample is the members sharing a key (the name up to its first dot): an image
+    (``.jpg``, ``.png``, ...) and a label (``.cls``: a class index or a class id). Labels are
+    kept as indices when all are non-negative integers, else the sorted distinct ids become
+    the classes (as for a CSV). Samples without an image or a label, and the unread rest of a
+    truncated archive, are listed in ``skipped`` with a reason, never fatal.
+    """
+    pattern = os.path.expanduser(os.fspath(source))
+    tars = [_abs(p) for p in expand_braces(pattern)]
+    missing = [t for t in tars if not os.path.isfile(t)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"tar shard not found: {missing[0]}{more}")
+    rows: list[tuple[str, int, int, str]] = []
+    skipped: list[dict[str, str]] = []
+    for tar in tars:
+        found, bad = _scan_tar(tar)
+        rows.extend((path, offset, size, label) for path, _, offset, size, label in found)
+        for item in bad:
+            logger.warning("skipped %s: %s", item["path"], item["reason"])
+        skipped.extend(bad)
+    if not rows:
+        raise DataError(f"no labelled images in {pattern}")
+    labels = [r[3] for r in rows]
+    if all(_is_int(lab) and int(lab) >= 0 for lab in labels):
+        classes = [str(i) for i in range(max(int(lab) for lab in labels) + 1)]
+        ids = [int(lab) for lab in labels]
+    else:
+        classes = sorted(set(labels))
+        to_label = {c: i for i, c in enumerate(classes)}
+        ids = [to_label[lab] for lab in labels]
+    samples = [Sample(p, i, off, size) for (p, off, size, _), i in zip(rows, ids)]
+    root = os.path.dirname(tars[0])
+    names = _class_names_for(root, class_names_file)
+    return DatasetIndex(root, classes, samples, names, skipped)
+
+
 def load_index(
     source: str | os.PathLike[str], class_names_file: str | os.PathLike[str] | None = None
 ) -> DatasetIndex:
-    """Index a folder (:func:`scan_folder`) or a ``.csv`` file (:func:`read_manifest`)."""
+    """Index a folder (:func:`scan_folder`), a ``.csv`` file (:func:`read_manifest`) or tar
+    shards, one file or a brace pattern (:func:`scan_tars`)."""
+    if is_tar_source(source):
+        return scan_tars(source, class_names_file)
     path = Path(source).expanduser()
     if path.is_dir():
         return scan_folder(path, class_names_file)

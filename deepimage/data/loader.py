@@ -2,8 +2,9 @@
 
 The sampler is a pure function: the permutation of an epoch depends only on the seed and the
 epoch number, so a resumed run (or, later, a run on any number of processes) walks the same
-global sequence of images. Loader workers open the memory-mapped store themselves; only the
-store's path crosses the process boundary, never its pixels.
+global sequence of images. Loader workers open the store themselves and read (and, for a
+JPEG store, decode) the rows; only the store's path crosses the process boundary, never its
+pixels.
 """
 
 from __future__ import annotations
@@ -68,35 +69,27 @@ class StoreBatches(Dataset):
         self.store_path = str(store_path)
         self.size = size
         self.batches = list(batches)
-        self._images: np.ndarray | None = None
-        self._labels: np.ndarray | None = None
-
-    def _open(self) -> None:
-        from deepimage.data.store import Store
-
-        store = Store.open(self.store_path)
-        self._images = store.images(self.size)
-        self._labels = np.asarray(store.labels)
+        self._store = None
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._images is None:
-            self._open()
+        from deepimage.data.store import Store
+
+        if self._store is None:
+            self._store = Store.open(self.store_path)
         rows = np.asarray(self.batches[i])
-        order = np.argsort(rows, kind="stable")  # read the memmap in file order
-        images = np.empty((len(rows), *self._images.shape[1:]), dtype=np.uint8)
-        images[order] = self._images[rows[order]]
+        images = self._store.read(self.size, rows)  # in file order, CRC-checked, decoded
         return (
             torch.from_numpy(images),
-            torch.from_numpy(self._labels[rows].astype(np.int64)),
+            torch.from_numpy(np.asarray(self._store.labels)[rows].astype(np.int64)),
             torch.from_numpy(rows.astype(np.int64)),
         )
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_images"] = state["_labels"] = None
+        state["_store"] = None
         return state
 
 
@@ -128,7 +121,11 @@ def iterate_batches(
     workers: int = 0,
     pin_memory: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield the given batches in order, read ahead by ``workers`` processes."""
+    """Yield the given batches in order, read ahead by ``workers`` processes.
+
+    A :class:`~deepimage.data.index.DataError` in a worker (e.g. a corrupt shard) is raised
+    here with its own one-line message.
+    """
     if not batches:
         return iter(())
     dataset = StoreBatches(store_path, size, batches)
@@ -145,7 +142,24 @@ def iterate_batches(
         generator=torch.Generator().manual_seed(0),
         persistent_workers=False,
     )
-    return iter(loader)
+    return _one_line_errors(iter(loader))
+
+
+def _one_line_errors(it: Iterator) -> Iterator:
+    """Re-raise a worker's DataError with its own message instead of torch's wrapper text."""
+    from deepimage.data.index import DataError
+
+    try:
+        yield from it
+    except DataError as e:
+        stop = getattr(it, "_shutdown_workers", None)  # now, not when collected
+        if stop is not None:
+            stop()
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if len(lines) > 1 and lines[0].startswith("Caught "):  # DataLoader's re-raise
+            last = lines[-1].split(": ", 1)[-1]
+            raise type(e)(last) from None
+        raise
 
 
 class DeviceCache:
@@ -162,7 +176,7 @@ class DeviceCache:
 
         store = Store.open(store_path)
         self.rows = np.unique(np.asarray(rows))
-        images = np.ascontiguousarray(store.images(size)[self.rows])
+        images = store.read(size, self.rows)
         self.images = torch.from_numpy(images).to(device)
         self.labels = torch.from_numpy(np.asarray(store.labels)[self.rows].astype(np.int64))
         self.labels = self.labels.to(device)

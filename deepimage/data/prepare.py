@@ -1,15 +1,19 @@
-"""Preparing a store: decode every image once, resize it to each size, write its rows.
+"""Preparing a store: decode every image once, resize it to each size, write it in shards.
 
-:func:`prepare_store` decodes in this process or in a pool of worker processes, each writing
-its rows in place; rows follow the index order whatever the number of workers, and files
-that cannot be decoded are skipped and listed. The format and the reader are in
-:mod:`deepimage.data.store`.
+:func:`prepare_store` streams: images are decoded and encoded (raw or JPEG) in this process
+or by a pool of worker processes, a bounded number at a time, and written in index order
+into tar shards of bounded size (:mod:`deepimage.data.store` has the format). Memory does
+not grow with the number of images beyond the index. Each finished group of shards (one per
+size) is recorded in a journal in the build folder, so an interrupted preparation resumes
+at the first unfinished group. Files that cannot be decoded are skipped and listed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -17,38 +21,49 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
 
 from deepimage.data.decode import (
     DEFAULT_MAX_PIXELS,
+    JPEG_QUALITY,
     DecodeError,
     ResizeMode,
     check_mode,
+    decode_jpeg,
+    encode_jpeg,
     open_image,
     resize_pil,
 )
-from deepimage.data.index import DataError, DatasetIndex
+from deepimage.data.index import DataError, DatasetIndex, read_sample
 from deepimage.data.store import (
+    ENCODINGS,
     LABELS,
     MANIFEST,
     PATHS,
     SKIPPED,
     STORE_FORMAT,
     STORE_VERSION,
+    TAR_END,
     IncompleteStoreError,
     Store,
-    images_file,
+    index_file,
     is_store_file,
     leftover_builds,
+    member_name,
+    shard_file,
+    tar_header,
+    tar_padding,
 )
-from deepimage.files import atomic_write_json, fsync_dir, fsync_file
+from deepimage.files import atomic_write_json, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -57,26 +72,38 @@ logger = logging.getLogger(__name__)
 # script without an ``if __name__ == "__main__":`` guard.
 MP_START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
+SHARD_BYTES = 1 << 30  # a shard closes once it reaches this size (about 1 GB)
+ENCODING_CHOICES = ("auto", *ENCODINGS)
+BUILD_META = "build.json"
+GROUPS = "groups"
+
 
 # --------------------------------------------------------------------------- fingerprints
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
 
 
 def source_fingerprint(index: DatasetIndex) -> str:
     """Hash of classes, paths, labels, file sizes and modification times of an index."""
     h = hashlib.sha256()
     h.update(json.dumps(index.classes).encode())
+    archives: dict[str, tuple[int, int]] = {}  # an archive is stat'ed once, not per member
     for s in index.samples:
-        try:
-            st = os.stat(s.path)
-            size, mtime = st.st_size, st.st_mtime_ns
-        except OSError:
-            size, mtime = -1, -1
-        h.update(f"{s.path}\0{s.label}\0{size}\0{mtime}\n".encode())
+        if s.offset < 0:
+            size, mtime = _stat(s.path)
+        else:
+            if s.file not in archives:
+                archives[s.file] = _stat(s.file)
+            size, mtime = archives[s.file]
+        where = s.path if s.offset < 0 else f"{s.path}@{s.offset}"
+        h.update(f"{where}\0{s.label}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()
-
-
-def _params(sizes: list[int], mode: str, max_pixels: int | None) -> dict[str, Any]:
-    return {"sizes": sizes, "mode": mode, "max_pixels": max_pixels}
 
 
 def check_sizes(sizes: Sequence[int] | int) -> list[int]:
@@ -87,6 +114,38 @@ def check_sizes(sizes: Sequence[int] | int) -> list[int]:
     if not out or out[0] <= 0:
         raise DataError(f"store sizes must be positive integers, got {list(sizes)}")
     return out
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def memory_budget() -> int:
+    """Bytes a raw store may take under ``encoding="auto"``: a quarter of the RAM."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf: assume 16 GiB
+        ram = 16 << 30
+    return int(ram) // 4
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def choose_encoding(
+    encoding: str, n_images: int, sizes: Sequence[int], budget: int | None = None
+) -> tuple[str, str]:
+    """(``raw`` or ``jpeg``, why): ``auto`` is raw when ``n_images`` uint8 images at every
+    size fit ``budget`` (default :func:`memory_budget`, a quarter of RAM), else JPEG."""
+    if encoding not in ENCODING_CHOICES:
+        raise DataError(f"encoding must be one of {', '.join(ENCODING_CHOICES)}; got {encoding!r}")
+    if encoding != "auto":
+        return encoding, f"{encoding}, as asked"
+    need = n_images * sum(3 * s * s for s in sizes)
+    budget = memory_budget() if budget is None else int(budget)
+    if need <= budget:
+        return "raw", f"raw: {_gib(need)} of uint8 pixels fit the budget of {_gib(budget)}"
+    return "jpeg", f"jpeg: {_gib(need)} of uint8 pixels exceed the budget of {_gib(budget)}"
 
 
 # --------------------------------------------------------------------------- pixel stats
@@ -118,93 +177,94 @@ def pixel_stats(pixel_sum: np.ndarray, outer_sum: np.ndarray, n_pixels: int) -> 
 
 # --------------------------------------------------------------------------- workers
 
-_worker: dict[str, Any] = {}
+
+@dataclasses.dataclass(frozen=True)
+class _Encoding:
+    sizes: list[int]
+    mode: str
+    max_pixels: int | None
+    encoding: str
+    quality: int
 
 
-def _open_state(build_dir: str, sizes: list[int], mode: str, max_pixels: int | None) -> dict:
-    """Decoding state: unbuffered handles of the image files (rows are written in place)."""
-    files = {
-        s: open(os.path.join(build_dir, images_file(s)), "r+b", buffering=0)  # noqa: SIM115
-        for s in sizes
-    }
-    return {"files": files, "sizes": sizes, "mode": mode, "max_pixels": max_pixels}
+Task = tuple[int, str, int, int]  # (index position, path, archive offset or -1, size)
+Result = tuple[int, str | None, list[bytes], list[int], Any, Any]
+
+_worker: dict[str, _Encoding] = {}
 
 
-def _close_state(state: dict) -> None:
-    for f in state.pop("files", {}).values():
-        f.close()
+def _worker_init(enc: _Encoding) -> None:
+    """Pool initializer: what this worker process encodes."""
+    _worker["enc"] = enc
 
 
-def _worker_init(build_dir: str, sizes: list[int], mode: str, max_pixels: int | None) -> None:
-    """Pool initializer: the state of this worker process."""
-    _close_state(_worker)
-    _worker.update(_open_state(build_dir, sizes, mode, max_pixels))
+def _encode_one(task: Task, enc: _Encoding) -> Result:
+    """Decode one image and encode it at every size: (i, error, blobs, CRCs, sum, outer sum).
 
+    The pixel sums are of the smallest size as stored (JPEGs decoded back), so the store's
+    statistics describe exactly what training reads.
+    """
+    from deepimage.data.index import Sample
 
-def _write_at(f: Any, offset: int, data: memoryview) -> None:
-    f.seek(offset)
-    while len(data):
-        n = f.write(data)
-        data = data[n:]
-
-
-def _decode_row(
-    task: tuple[int, str], state: dict | None = None
-) -> tuple[int, str | None, Any, Any]:
-    """Decode one image, write its row for every size, return (row, error, sum, outer sum)."""
-    row, path = task
-    state = _worker if state is None else state
-    sizes: list[int] = state["sizes"]
+    i, path, offset, size = task
     try:
-        img = open_image(path, max_pixels=state["max_pixels"], draft_size=sizes[-1])
-        arrays = [np.asarray(resize_pil(img, s, state["mode"]), dtype=np.uint8) for s in sizes]
+        source = read_sample(Sample(path, 0, offset, size))
+        img = open_image(source, max_pixels=enc.max_pixels, draft_size=enc.sizes[-1])
+        arrays = [np.asarray(resize_pil(img, s, enc.mode), dtype=np.uint8) for s in enc.sizes]
+        if enc.encoding == "jpeg":
+            blobs = [encode_jpeg(a, enc.quality) for a in arrays]
+            first = decode_jpeg(blobs[0])
+        else:
+            blobs = [np.ascontiguousarray(a).tobytes() for a in arrays]
+            first = arrays[0]
     except DecodeError as e:
-        return row, str(e) or "undecodable", None, None
+        return i, str(e) or "undecodable", [], [], None, None
+    except OSError as e:
+        return i, f"cannot read: {e.strerror or e}", [], [], None, None
     except Exception as e:  # never let one bad file stop a long preparation
-        return row, f"unexpected {type(e).__name__}: {' '.join(str(e).split())}", None, None
-    for s, arr in zip(sizes, arrays):
-        data = memoryview(np.ascontiguousarray(arr)).cast("B")
-        _write_at(state["files"][s], row * s * s * 3, data)
+        return i, f"unexpected {type(e).__name__}: {' '.join(str(e).split())}", [], [], None, None
     # Integer-valued float64 sums stay below 2**53, so they are exact in any summation order.
     # One matrix product gives both: rows are R, G, B and a row of ones.
-    ext = np.ones((4, sizes[0] * sizes[0]), np.float64)
-    ext[:3] = arrays[0].reshape(-1, 3).T
+    s0 = enc.sizes[0]
+    ext = np.ones((4, s0 * s0), np.float64)
+    ext[:3] = first.reshape(-1, 3).T
     sums = np.rint(ext @ ext.T).astype(np.int64)
-    return row, None, sums[:3, 3], sums[:3, :3]
+    return i, None, blobs, [zlib.crc32(b) for b in blobs], sums[:3, 3], sums[:3, :3]
 
 
-def _run_decoding(
-    tasks: list[tuple[int, str]],
-    build_dir: Path,
-    sizes: list[int],
-    mode: str,
-    max_pixels: int | None,
-    workers: int,
-    bar: tqdm,
-) -> Iterator[tuple[int, str | None, Any, Any]]:
-    """Results in task order, decoded in-process (workers <= 1) or by a process pool."""
-    init_args = (str(build_dir), sizes, mode, max_pixels)
+def _encode_chunk(tasks: list[Task]) -> list[Result]:
+    return [_encode_one(t, _worker["enc"]) for t in tasks]
+
+
+def _run_encoding(
+    tasks: Iterable[Task], enc: _Encoding, workers: int, bar: tqdm
+) -> Iterator[Result]:
+    """Results in task order, encoded in-process (workers <= 1) or by a process pool with a
+    bounded number of chunks in flight (memory does not grow with the number of tasks)."""
     if workers <= 1:
-        state = _open_state(*init_args)
-        try:
-            for task in tasks:
-                yield _decode_row(task, state)
-                bar.update(1)
-        finally:
-            _close_state(state)
-        return
-    chunksize = max(1, min(32, len(tasks) // (workers * 8)))
-    ctx = mp.get_context(MP_START_METHOD)
-    pool = ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_worker_init, initargs=init_args
-    )
-    try:
-        for result in pool.map(_decode_row, tasks, chunksize=chunksize):
-            yield result
+        for task in tasks:
+            yield _encode_one(task, enc)
             bar.update(1)
+        return
+    task_iter = iter(tasks)
+    chunks = iter(lambda: list(itertools.islice(task_iter, 16)), [])
+    ctx = mp.get_context(MP_START_METHOD)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(enc,))
+    pending: deque[Future] = deque()
+    try:
+        for chunk in itertools.islice(chunks, workers * 4):
+            pending.append(pool.submit(_encode_chunk, chunk))
+        while pending:
+            results = pending.popleft().result()
+            chunk = next(chunks, None)
+            if chunk:
+                pending.append(pool.submit(_encode_chunk, chunk))
+            for result in results:
+                yield result
+                bar.update(1)
     except BrokenProcessPool as e:
         raise DataError(
-            f"a decoding worker process died while preparing a store in {build_dir.parent}: {e}; "
+            f"a decoding worker process died while preparing a store: {e}; "
             "run with workers=0 to find the file, and guard script entry points with "
             "`if __name__ == '__main__':`"
         ) from None
@@ -215,46 +275,107 @@ def _run_decoding(
 # --------------------------------------------------------------------------- building
 
 
-def _decode_all(
-    index: DatasetIndex,
-    build: Path,
-    sizes: list[int],
-    mode: str,
-    max_pixels: int | None,
-    workers: int | None,
-    progress: bool,
-) -> tuple[list[int], list[dict[str, str]], np.ndarray, np.ndarray]:
-    """Decode every image into the image files of ``build`` (one row each, in index order).
+class _Group:
+    """The shards of one group of consecutive images (one shard per size), being written.
 
-    Returns the decoded rows, the skipped files with their reasons, and the integer sums of
-    the pixels and of their outer products (for :func:`pixel_stats`).
+    ``close`` writes the tar end blocks, fsyncs, and records the group in the journal
+    ``groups/<number>.json``; only recorded groups survive an interruption.
     """
-    n = len(index)
-    for s in sizes:
-        with open(build / images_file(s), "wb") as f:
-            f.truncate(n * s * s * 3)
-    n_workers = (os.cpu_count() or 1) if workers is None else workers
-    n_workers = max(0, min(n_workers, n))
-    tasks = [(i, s.path) for i, s in enumerate(index.samples)]
-    good: list[int] = []
-    skipped: list[dict[str, str]] = []
-    pixel_sum = np.zeros(3, np.int64)
-    outer_sum = np.zeros((3, 3), np.int64)
-    bar = tqdm(total=n, disable=not progress, unit="img", desc="preparing store")
+
+    def __init__(self, build: Path, number: int, enc: _Encoding, src: int, row: int) -> None:
+        self.build, self.number, self.enc = build, number, enc
+        self.src, self.rows = [src, src], [row, row]
+        self.files: dict[int, BinaryIO] = {}
+        self.hashes = {s: hashlib.sha256() for s in enc.sizes}
+        self.pos = dict.fromkeys(enc.sizes, 0)
+        self.index: dict[int, list[tuple[int, int, int]]] = {s: [] for s in enc.sizes}
+        self.labels: list[int] = []
+        self.paths: list[str] = []
+        self.skipped: list[dict[str, str]] = []
+        self.pixel_sum = np.zeros(3, np.int64)
+        self.outer_sum = np.zeros((3, 3), np.int64)
+
+    def _write(self, size: int, data: bytes) -> None:
+        f = self.files.get(size)
+        if f is None:
+            f = self.files[size] = open(self.build / shard_file(size, self.number), "wb")  # noqa: SIM115
+        f.write(data)
+        self.hashes[size].update(data)
+        self.pos[size] += len(data)
+
+    def add(self, label: int, path: str, result: Result) -> None:
+        _, _, blobs, crcs, s1, s2 = result
+        name = member_name(self.rows[1], self.enc.encoding)
+        for size, blob, crc in zip(self.enc.sizes, blobs, crcs):
+            self._write(size, tar_header(name, len(blob)))
+            self.index[size].append((self.pos[size], len(blob), crc))
+            self._write(size, blob)
+            self._write(size, tar_padding(len(blob)))
+        self.labels.append(label)
+        self.paths.append(path)
+        self.pixel_sum += s1
+        self.outer_sum += s2
+        self.rows[1] += 1
+
+    def bytes(self) -> int:
+        return max(self.pos.values())
+
+    def close(self) -> dict[str, Any]:
+        shards = {}
+        for size, f in self.files.items():
+            self._write(size, TAR_END)
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            shards[str(size)] = {
+                "file": shard_file(size, self.number),
+                "rows": list(self.rows),
+                "bytes": self.pos[size],
+                "sha256": self.hashes[size].hexdigest(),
+            }
+        record = {
+            "src": self.src,
+            "rows": self.rows,
+            "shards": shards,
+            "index": {str(s): v for s, v in self.index.items()},
+            "labels": self.labels,
+            "paths": self.paths,
+            "skipped": self.skipped,
+            "pixel_sum": self.pixel_sum.tolist(),
+            "outer_sum": self.outer_sum.tolist(),
+        }
+        atomic_write_json(self.build / GROUPS / f"{self.number:06d}.json", record, indent=0)
+        return record
+
+
+def _resume(build: Path, fingerprint: str) -> list[dict[str, Any]] | None:
+    """The recorded groups of an interrupted build of the same store, else None. Files of
+    the group that was being written are removed."""
     try:
-        results = _run_decoding(tasks, build, sizes, mode, max_pixels, n_workers, bar)
-        for row, error, s1, s2 in results:
-            if error is None:
-                good.append(row)
-                pixel_sum += s1
-                outer_sum += s2
-            else:
-                path = index.samples[row].path
-                logger.warning("skipped %s: %s", path, error)
-                skipped.append({"path": path, "reason": error})
-    finally:
-        bar.close()
-    return good, skipped, pixel_sum, outer_sum
+        meta = json.loads((build / BUILD_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if meta.get("fingerprint") != fingerprint:
+        return None
+    groups: list[dict[str, Any]] = []
+    for number in itertools.count():
+        try:
+            record = json.loads((build / GROUPS / f"{number:06d}.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            break
+        whole = all(
+            (build / d["file"]).is_file() and (build / d["file"]).stat().st_size == d["bytes"]
+            for d in record["shards"].values()
+        )
+        if not whole:
+            break
+        groups.append(record)
+    keep = {f"{n:06d}.json" for n in range(len(groups))}
+    keep |= {d["file"] for g in groups for d in g["shards"].values()}
+    for f in [*build.iterdir(), *(build / GROUPS).iterdir()]:
+        if f.is_file() and f.name != BUILD_META and f.name not in keep:
+            f.unlink()
+    return groups
 
 
 @contextlib.contextmanager
@@ -275,21 +396,6 @@ def _build_lock(out: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _compact(build_dir: Path, sizes: list[int], n_rows: int, good: list[int]) -> None:
-    """Move the decoded rows down over the skipped ones and cut the files to length."""
-    for s in sizes:
-        path = build_dir / images_file(s)
-        if len(good) < n_rows:
-            mm = np.memmap(path, np.uint8, mode="r+", shape=(n_rows, s, s, 3))
-            for new, old in enumerate(good):
-                if new != old:
-                    mm[new] = mm[old]
-            mm.flush()
-            del mm
-            os.truncate(path, len(good) * s * s * 3)
-        fsync_file(path)
 
 
 def _reusable(out: Path, fingerprint: str) -> Store | None:
@@ -330,12 +436,19 @@ def prepare_store(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
     progress: bool = True,
+    encoding: str = "auto",
+    quality: int = JPEG_QUALITY,
+    shard_bytes: int = SHARD_BYTES,
+    budget: int | None = None,
 ) -> Store:
     """Decode every image of ``index`` once and store it resized to each of ``sizes``.
 
-    Returns the existing store without any decoding when it was prepared from the same files
-    (paths, sizes, mtimes) with the same parameters. Undecodable files are skipped with a
-    warning and listed in ``skipped.json``; rows follow index order whatever ``workers`` is
+    ``encoding`` is ``raw`` (uint8 pixels), ``jpeg`` (at ``quality``) or ``auto`` (raw when
+    the raw store fits ``budget``, default a quarter of RAM; :func:`choose_encoding`). Shards
+    close once they reach ``shard_bytes``. Returns the existing store without any decoding
+    when it was prepared from the same files (paths, sizes, mtimes) with the same parameters;
+    resumes an interrupted preparation of the same store. Undecodable files are skipped with
+    a warning and listed in ``skipped.json``; rows follow index order whatever ``workers`` is
     (default: all CPUs; 0 or 1 decodes in this process).
     """
     sizes_l = check_sizes(sizes)
@@ -343,7 +456,17 @@ def prepare_store(
     out_p = Path(out).expanduser().absolute()
     if len(index) == 0:
         raise DataError(f"no images to prepare from {index.root}")
-    params = _params(sizes_l, mode, max_pixels)
+    if not 1 <= int(quality) <= 100:
+        raise DataError(f"JPEG quality must be in 1..100, got {quality}")
+    chosen, why = choose_encoding(encoding, len(index), sizes_l, budget)
+    params = {
+        "sizes": sizes_l,
+        "mode": mode,
+        "max_pixels": max_pixels,
+        "encoding": chosen,
+        "quality": int(quality) if chosen == "jpeg" else None,
+        "shard_bytes": int(shard_bytes),
+    }
     src_fp = source_fingerprint(index)
     fingerprint = hashlib.sha256(
         json.dumps([STORE_VERSION, src_fp, params], sort_keys=True).encode()
@@ -356,69 +479,128 @@ def prepare_store(
             for item in store.skipped:  # report them on every use, not just the first
                 logger.warning("skipped %s: %s", item["path"], item["reason"])
             return store
+        logger.info("encoding %s", why)
+        build = out_p.with_name(f".{out_p.name}.partial")
+        groups = _resume(build, fingerprint) if build.is_dir() else None
         for left in leftover_builds(out_p):
-            logger.warning("removing leftover of an interrupted preparation: %s", left)
-            shutil.rmtree(left, ignore_errors=True)
-        build = out_p.with_name(f".{out_p.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        build.mkdir()
+            if left != build or groups is None:
+                logger.warning("removing leftover of an interrupted preparation: %s", left)
+                shutil.rmtree(left, ignore_errors=True)
+        if groups is None:
+            (build / GROUPS).mkdir(parents=True)
+            atomic_write_json(build / BUILD_META, {"fingerprint": fingerprint, "params": params})
+            groups = []
+        enc = _Encoding(sizes_l, mode, max_pixels, chosen, int(quality))
         try:
-            _build(
-                index,
-                build,
-                sizes_l,
-                mode,
-                max_pixels,
-                workers,
-                progress,
-                src_fp,
-                params,
-                fingerprint,
-            )
-            _replace_dir(build, out_p)
-        except BaseException:
+            _build(index, build, enc, workers, progress, groups, shard_bytes)
+            _finish(index, build, enc, groups, src_fp, params, fingerprint, why)
+        except _NothingDecodable:
             shutil.rmtree(build, ignore_errors=True)
             raise
+        _replace_dir(build, out_p)
     return Store.open(out_p)
+
+
+class _NothingDecodable(DataError):
+    """Not one image of the index could be decoded."""
 
 
 def _build(
     index: DatasetIndex,
     build: Path,
-    sizes: list[int],
-    mode: str,
-    max_pixels: int | None,
+    enc: _Encoding,
     workers: int | None,
     progress: bool,
+    groups: list[dict[str, Any]],
+    shard_bytes: int,
+) -> None:
+    """Encode the images after the recorded ``groups`` into new groups of shards."""
+    n = len(index)
+    start = groups[-1]["src"][1] if groups else 0
+    if start:
+        logger.info("resuming the preparation of %s at image %d of %d", build.name, start, n)
+    n_workers = (os.cpu_count() or 1) if workers is None else workers
+    n_workers = max(0, min(n_workers, n - start))
+    samples = index.samples
+    tasks = ((i, samples[i].path, samples[i].offset, samples[i].size) for i in range(start, n))
+    row = groups[-1]["rows"][1] if groups else 0
+    group = _Group(build, len(groups), enc, start, row)
+    began = time.perf_counter()
+    bar = tqdm(total=n, initial=start, disable=not progress, unit="img", desc="preparing store")
+    try:
+        for result in _run_encoding(tasks, enc, n_workers, bar):
+            i, error = result[0], result[1]
+            if error is None:
+                group.add(samples[i].label, samples[i].path, result)
+            else:
+                logger.warning("skipped %s: %s", samples[i].path, error)
+                group.skipped.append({"path": samples[i].path, "reason": error})
+            group.src[1] = i + 1
+            if group.bytes() >= shard_bytes:
+                groups.append(group.close())
+                group = _Group(build, len(groups), enc, i + 1, group.rows[1])
+        if group.src[1] > group.src[0]:
+            groups.append(group.close())
+    finally:
+        bar.close()
+        for f in group.files.values():
+            f.close()
+    elapsed = time.perf_counter() - began
+    logger.info(
+        "encoded %d images in %.1f s (%.0f images/s)", n - start, elapsed, (n - start) / elapsed
+    )
+
+
+def _finish(
+    index: DatasetIndex,
+    build: Path,
+    enc: _Encoding,
+    groups: list[dict[str, Any]],
     src_fp: str,
     params: dict[str, Any],
     fingerprint: str,
+    why: str,
 ) -> None:
-    """Decode ``index`` into the folder ``build``, then write its labels, paths and manifest."""
-    n = len(index)
-    start = time.perf_counter()
-    good, skipped, pixel_sum, outer_sum = _decode_all(
-        index, build, sizes, mode, max_pixels, workers, progress
-    )
-    if not good:
-        raise DataError(f"none of the {n} images from {index.root} could be decoded")
-    _compact(build, sizes, n, good)
-    labels = np.array([index.samples[i].label for i in good], dtype=np.int64)
+    """Join the groups into the store's index, labels, paths and manifest (written last)."""
+    n = groups[-1]["rows"][1] if groups else 0
+    if n == 0:
+        raise _NothingDecodable(
+            f"none of the {len(index)} images from {index.root} could be decoded"
+        )
+    for size in enc.sizes:
+        rows = np.array([r for g in groups for r in g["index"][str(size)]], np.int64)
+        with open(build / index_file(size), "wb") as f:
+            np.save(f, rows.reshape(n, 3))
+            f.flush()
+            os.fsync(f.fileno())
+    labels = np.array([lab for g in groups for lab in g["labels"]], dtype=np.int64)
     with open(build / LABELS, "wb") as f:
         np.save(f, labels)
         f.flush()
         os.fsync(f.fileno())
-    atomic_write_json(build / PATHS, [index.samples[i].path for i in good], indent=1)
+    skipped = [*index.skipped, *(item for g in groups for item in g["skipped"])]
+    atomic_write_json(build / PATHS, [p for g in groups for p in g["paths"]], indent=1)
     atomic_write_json(build / SKIPPED, skipped, indent=1)
-    stats = pixel_stats(pixel_sum, outer_sum, len(good) * sizes[0] * sizes[0])
-    stats.update({"size": sizes[0], "n_images": len(good)})
+    pixel_sum = np.sum([g["pixel_sum"] for g in groups], axis=0, dtype=np.int64)
+    outer_sum = np.sum([g["outer_sum"] for g in groups], axis=0, dtype=np.int64)
+    stats = pixel_stats(pixel_sum, outer_sum, n * enc.sizes[0] * enc.sizes[0])
+    stats.update({"size": enc.sizes[0], "n_images": n})
+    shards = {
+        str(size): [g["shards"][str(size)] for g in groups if str(size) in g["shards"]]
+        for size in enc.sizes
+    }
     manifest = {
         "format": STORE_FORMAT,
         "version": STORE_VERSION,
-        "n": len(good),
+        "n": n,
         "n_skipped": len(skipped),
-        "sizes": sizes,
-        "mode": mode,
-        "max_pixels": max_pixels,
+        "sizes": enc.sizes,
+        "mode": enc.mode,
+        "max_pixels": enc.max_pixels,
+        "encoding": enc.encoding,
+        "quality": params["quality"],
+        "encoding_reason": why,
+        "shards": shards,
         "root": index.root,
         "classes": list(index.classes),
         "class_names": dict(index.class_names),
@@ -428,14 +610,17 @@ def _build(
         "stats": stats,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    shutil.rmtree(build / GROUPS)
+    (build / BUILD_META).unlink()
     atomic_write_json(build / MANIFEST, manifest, indent=1)  # last: marks a complete store
     fsync_dir(build)
-    elapsed = time.perf_counter() - start
+    total = sum(d["bytes"] for v in shards.values() for d in v)
     logger.info(
-        "prepared %d images (%d skipped) at sizes %s in %.1f s (%.0f images/s)",
-        len(good),
+        "prepared %d images (%d skipped) at sizes %s: %s in %d shards (%s)",
+        n,
         len(skipped),
-        sizes,
-        elapsed,
-        n / max(elapsed, 1e-9),
+        enc.sizes,
+        _gib(total),
+        sum(len(v) for v in shards.values()),
+        enc.encoding,
     )
