@@ -165,3 +165,31 @@ def test_fp16_resume_without_scaler_state_is_a_clear_error(tmp_path):
     save_state(tmp_path / "run" / CHECKPOINT, state, keep_previous=False)
     with pytest.raises(CheckpointError, match="gradient-scaler"):
         train(config(tmp_path, "run", precision="fp16", max_steps=2), resume=True)
+
+
+def test_the_probe_alternates_the_sides_and_keeps_each_sides_fastest_step(monkeypatch):
+    # A slow spell (other work on the machine) over three consecutive timed steps must
+    # not decide the choice: alternating spreads it over both sides, and the minimum drops it.
+    calls = []
+    timed = iter([0.10, 0.05, 0.50, 0.45, 0.50, 0.05])  # fp32, bf16, fp32, bf16, ...
+
+    def fake_step(net, x, labels, precision, train):
+        calls.append(precision)
+        return 0.0 if len(calls) <= 4 else next(timed)  # 1 bf16 budget check + 3 warm-ups
+
+    monkeypatch.setattr(P, "_time_step", fake_step)
+    times = P.measure_step_times(tiny_net(), 12, batch_size=2, repeats=3)
+    assert calls[4:] == ["fp32", "bf16"] * 3
+    assert times == {"fp32": 0.10, "bf16": 0.05}
+
+
+def test_an_emulated_bf16_warm_up_over_budget_ends_the_probe(monkeypatch):
+    calls = []
+
+    def fake_step(net, x, labels, precision, train):
+        calls.append(precision)
+        return 9.0 if precision == "bf16" else 0.1
+
+    monkeypatch.setattr(P, "_time_step", fake_step)
+    times = P.measure_step_times(tiny_net(), 12, batch_size=2, budget_s=8.0)
+    assert calls == ["bf16", "fp32"] and times["bf16"] >= 8.0 > times["fp32"]
