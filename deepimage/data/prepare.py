@@ -63,7 +63,7 @@ from deepimage.data.store import (
     tar_header,
     tar_padding,
 )
-from deepimage.files import atomic_write_json, fsync_dir
+from deepimage.files import atomic_write, atomic_write_json, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -415,6 +415,16 @@ def _reusable(out: Path, fingerprint: str) -> Store | None:
     return store
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``array`` as ``.npy`` at ``path``, written atomically (the name keeps no ``.npy`` added)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, write)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move the finished build folder into place, replacing an old store if any."""
     if dst.exists():
@@ -569,15 +579,9 @@ def _finish(
         )
     for size in enc.sizes:
         rows = np.array([r for g in groups for r in g["index"][str(size)]], np.int64)
-        with open(build / index_file(size), "wb") as f:
-            np.save(f, rows.reshape(n, 3))
-            f.flush()
-            os.fsync(f.fileno())
+        _save_npy(build / index_file(size), rows.reshape(n, 3))
     labels = np.array([lab for g in groups for lab in g["labels"]], dtype=np.int64)
-    with open(build / LABELS, "wb") as f:
-        np.save(f, labels)
-        f.flush()
-        os.fsync(f.fileno())
+    _save_npy(build / LABELS, labels)
     skipped = [*index.skipped, *(item for g in groups for item in g["skipped"])]
     atomic_write_json(build / PATHS, [p for g in groups for p in g["paths"]], indent=1)
     atomic_write_json(build / SKIPPED, skipped, indent=1)

@@ -112,6 +112,10 @@ class SyncStrategy:
     collective_forward = False
     """True when the trained model's forward is collective: every rank must run it equally
     often, so evaluation gives every rank the same number of batches."""
+    supports_fp16_scaler = False
+    """True when a ``torch.amp.GradScaler`` can unscale the gradients and step the optimizer
+    in place of :meth:`step`: what fp16 training needs. Strategies that apply the update
+    themselves (sharded or delayed) cannot skip a step on inf, so they train in bf16 or fp32."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if len(optimizer.param_groups) != 1:
@@ -134,6 +138,13 @@ class SyncStrategy:
             "momentum": float(group["momentum"]),
             "weight_decay": float(group["weight_decay"]),
         }
+
+    @classmethod
+    def create(
+        cls, model: nn.Module, optimizer: torch.optim.Optimizer, *, bucket_mb: float = 25.0
+    ) -> SyncStrategy:
+        """The registry's constructor: ``bucket_mb`` caps the gradient buckets."""
+        return cls(model, optimizer, bucket_mb=bucket_mb)
 
     def wrap(self) -> nn.Module:
         """The module to train (DistributedDataParallel for ddp, the model itself otherwise)."""

@@ -4,11 +4,13 @@
 every rank; ``hybrid`` (paper 3.2) first cuts the FC classifier to this rank's rows. Either
 way the optimizer is built over what this rank trains, and the ``--sync`` strategy
 (:mod:`deepimage.parallel.registry`) exchanges the gradients and applies the update.
+:func:`strategy_class` answers what the chosen strategy can do before it is built.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -17,7 +19,7 @@ from deepimage.parallel.base import SyncStrategy, broadcast_model
 from deepimage.parallel.head import shard_classifier
 from deepimage.parallel.hybrid import HybridStrategy
 from deepimage.parallel.optim import build_optimizer
-from deepimage.parallel.registry import build_strategy
+from deepimage.parallel.registry import build_strategy, sync_class
 
 
 def _data(cfg: TrainConfig, model: nn.Module) -> SyncStrategy:
@@ -31,10 +33,30 @@ def _hybrid(cfg: TrainConfig, model: nn.Module) -> SyncStrategy:
     return HybridStrategy(model, optimizer, cfg.sync, bucket_mb=cfg.bucket_mb)
 
 
-PARALLELS: dict[str, Callable[[TrainConfig, nn.Module], SyncStrategy]] = {
-    "data": _data,
-    "hybrid": _hybrid,
+@dataclass(frozen=True)
+class ParallelMode:
+    """A ``--parallel`` choice: how it builds its strategy, and the class it builds."""
+
+    build: Callable[[TrainConfig, nn.Module], SyncStrategy]
+    strategy: Callable[[TrainConfig], type[SyncStrategy]]
+
+
+PARALLELS: dict[str, ParallelMode] = {
+    "data": ParallelMode(_data, lambda cfg: sync_class(cfg.sync)),
+    "hybrid": ParallelMode(_hybrid, lambda cfg: HybridStrategy),
 }
+
+
+def _mode(cfg: TrainConfig) -> ParallelMode:
+    if cfg.parallel not in PARALLELS:
+        raise ValueError(f"unknown parallel mode {cfg.parallel!r}; known: {', '.join(PARALLELS)}")
+    return PARALLELS[cfg.parallel]
+
+
+def strategy_class(cfg: TrainConfig) -> type[SyncStrategy]:
+    """The class of the strategy :func:`build_sync` makes for ``cfg``, without building it:
+    its attributes say what the run can do (e.g. ``supports_fp16_scaler``)."""
+    return _mode(cfg).strategy(cfg)
 
 
 def build_sync(cfg: TrainConfig, model: nn.Module) -> SyncStrategy:
@@ -43,7 +65,6 @@ def build_sync(cfg: TrainConfig, model: nn.Module) -> SyncStrategy:
 
     The strategy's ``optimizer`` holds the learning rate, ``wrap()`` is the module to train.
     """
-    if cfg.parallel not in PARALLELS:
-        raise ValueError(f"unknown parallel mode {cfg.parallel!r}; known: {', '.join(PARALLELS)}")
+    mode = _mode(cfg)
     broadcast_model(model)
-    return PARALLELS[cfg.parallel](cfg, model)
+    return mode.build(cfg, model)

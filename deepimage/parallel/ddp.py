@@ -33,6 +33,7 @@ class DDPStrategy(SyncStrategy):
 
     name = "ddp"
     steps_optimizer = True
+    supports_fp16_scaler = True  # step() is optimizer.step(), which a GradScaler can wrap
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, *, bucket_mb: float = 25.0

@@ -45,6 +45,13 @@ class LazyUpdate(SyncStrategy):
 
     name = "lazy"
 
+    @classmethod
+    def create(
+        cls, model: nn.Module, optimizer: torch.optim.Optimizer, *, bucket_mb: float = 25.0
+    ) -> SyncStrategy:
+        """One exchange per layer: no buckets, ``bucket_mb`` is not used."""
+        return cls(model, optimizer)
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().__init__(model, optimizer)
         index = {id(p): i for i, p in enumerate(self.params)}

@@ -52,7 +52,7 @@ from deepimage.models.transfer import (
     prepare_model,
 )
 from deepimage.parallel import dist as pdist
-from deepimage.parallel.build import build_sync
+from deepimage.parallel.build import build_sync, strategy_class
 from deepimage.parallel.optim import set_lr
 from deepimage.parallel.sync_bn import convert_sync_batchnorm
 from deepimage.precision import ExecutionChoice, needs_grad_scaler
@@ -278,7 +278,7 @@ class Trainer:
                 f"{cfg.model}@{cfg.width:g}",
                 cfg.crop,
                 Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
-                fp16_ok=cfg.sync == "ddp" and cfg.parallel == "data",
+                fp16_ok=strategy_class(cfg).supports_fp16_scaler,
             )
         choice = pdist.broadcast_object(choice, op="broadcast(precision choice)")
         if self.rank == 0:
@@ -455,7 +455,7 @@ class Trainer:
             dropout_key=(rows, cfg.seed, self.global_step),
             scaler=self.scaler,
         )
-        if self.scaler is not None:  # fp16 (sync ddp only): unscale, skip on inf, adapt
+        if self.scaler is not None:  # fp16 (supports_fp16_scaler): unscale, skip on inf, adapt
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
