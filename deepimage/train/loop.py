@@ -54,6 +54,7 @@ from deepimage.models.transfer import (
 from deepimage.parallel import dist as pdist
 from deepimage.parallel.build import build_sync, strategy_class
 from deepimage.parallel.optim import set_lr
+from deepimage.parallel.stop_vote import StopVote
 from deepimage.parallel.sync_bn import convert_sync_batchnorm
 from deepimage.precision import ExecutionChoice, needs_grad_scaler
 from deepimage.precision import resolve as resolve_execution
@@ -159,7 +160,10 @@ def start_model(model: torch.nn.Module, cfg: TrainConfig, classes: list[str]) ->
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checkpoints at the next step boundary and exits."""
+    """Set by SIGINT/SIGTERM; the loop checkpoints at a step boundary and exits.
+
+    Under torchrun the ranks agree through a :class:`StopVote`: all of them stop after the
+    same step, a couple of steps after the first rank saw the signal."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -175,7 +179,7 @@ class _StopFlag:
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
-        logger.warning("stop requested: saving a checkpoint at the end of this step")
+        logger.warning("stop requested: saving a checkpoint at the end of a step")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -535,6 +539,7 @@ class Trainer:
         self._open_run(resume)
         self.model.train()
         stopped = False
+        vote = StopVote()  # ranks agree on a stop without a blocking collective per step
         with _StopFlag() as stop:
             while self.epoch < cfg.epochs and not self._done():
                 batches = train_batches(self.data.train_rows, cfg.batch_size, cfg.seed, self.epoch)
@@ -562,6 +567,7 @@ class Trainer:
                     dynamic_ncols=True,
                 )
                 start = time.perf_counter()
+                halt = False
                 for images, labels, rows in bar:
                     set_lr(self.optimizer, self.schedule.lr_at(self.epoch, self.step_in_epoch))
                     loss = self._train_step(images, labels, rows)
@@ -572,11 +578,13 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_s:.0f}")
                     if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
-                    if pdist.any_rank(stop.requested):
-                        stop.requested = True
+                    if vote.cast(stop.requested):
+                        halt = True
                         break
                 bar.close()
-                if stop.requested:
+                halt = vote.settle() or halt  # the votes still in flight, the same on all ranks
+                if halt:
+                    stop.requested = True
                     self.save_checkpoint()
                     stopped = True
                     break

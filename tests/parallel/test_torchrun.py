@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,3 +140,35 @@ def test_sigkill_one_worker_restarts_and_ends_identical(runs):
         for run in (out, root / "two")
     ]  # fmt: skip
     assert rows[0] == rows[1] and len(rows[0]) == 2
+
+
+def test_sigterm_to_one_worker_stops_both_at_one_step_and_resumes_identical(runs):
+    """SIGTERM reaches rank 1 alone: the ranks agree through the stop vote (no blocking
+    collective per step), both stop after the same step, rank 0 writes the checkpoint, and
+    the resumed run ends bitwise equal to the uninterrupted one. Ranks stopping at
+    different steps would leave one of them in a collective the other never joins."""
+    root, data, cache = runs
+    out = root / "sigterm"
+    cmd = torchrun(*module_cmd(train_cmd(data, out, cache, *FLAGS, "--dist-timeout", "60")))
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_until(
+        lambda: load_state(out / "checkpoint.safetensors")["global_step"] >= 3,
+        120,
+        "a checkpoint at step 3",
+        alive=lambda: proc.poll() is None,
+    )
+    pids = worker_pids(proc.pid)
+    assert set(pids) == {0, 1}
+    os.kill(pids[1], signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    text = output.decode()
+    assert proc.returncode != 0, text[-3000:]  # torchrun reports the workers' exit 130
+    assert "CollectiveError" not in text, text[-3000:]
+    assert text.count("stopped at step") == 2, text[-3000:]  # both ranks, cleanly
+    steps = {int(m) for m in re.findall(r"stopped at step (\d+)", text)}
+    state = load_state(out / "checkpoint.safetensors")
+    assert steps == {int(state["global_step"])} and 3 <= state["global_step"] < 16
+    subprocess.run([*cmd, "--resume"], check=True, env=env(), timeout=300, capture_output=True)
+    wa, wb = load_file(out / "model.safetensors"), load_file(root / "two" / "model.safetensors")
+    for key in wb:
+        assert torch.equal(wa[key], wb[key]), f"{key} differs after the stop and resume"
