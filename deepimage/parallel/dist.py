@@ -7,7 +7,14 @@ same training code runs under ``python -m deepimage`` and under ``torchrun``.
 
 Every blocking collective goes through :func:`guard`, which turns a timeout or a dead peer
 into :class:`CollectiveError` naming the rank and the operation; the timeout itself is the
-process group's (``--dist-timeout``), so a hang ends instead of lasting forever.
+process group's (``--dist-timeout``), so a hang ends instead of lasting forever. On NCCL,
+whose collectives complete on the GPU, the same timeout arms the communicator's watchdog:
+:func:`nccl_environment` makes it tear the process down with the rank and the operation in
+its message, and torchrun then ends (or restarts) the job.
+
+Under torchrun the ranks first agree, through the job's store, on which attempt of the job
+this is and whether it resumes (:mod:`deepimage.parallel.attempt`); no per-node counter is
+trusted for either.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from deepimage.config import ConfigError
+from deepimage.parallel.attempt import Attempt, agree, mark_opened
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -33,6 +43,8 @@ class CollectiveError(RuntimeError):
 
 
 _timeout_s = DEFAULT_TIMEOUT_S
+_store: dist.Store | None = None  # the job's store, shared by every attempt
+_attempt: Attempt | None = None
 
 
 def is_distributed() -> bool:
@@ -52,9 +64,30 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def restart_count() -> int:
-    """How many times torchrun has restarted this job (0 for the first attempt)."""
+    """How many times this node's torchrun agent counted a restart (differs between nodes)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def attempt() -> Attempt | None:
+    """The attempt of the torchrun job every rank agreed on; None outside torchrun."""
+    return _attempt
+
+
+def job_restarted_after_open() -> bool:
+    """True on every rank when an earlier attempt of this torchrun job opened the run folder:
+    the job was restarted and must resume. The same answer on every rank and node."""
+    return _attempt is not None and _attempt.resume
+
+
+def mark_run_opened() -> None:
+    """Rank 0, once the run folder is open: a later attempt of this job resumes it."""
+    if _store is not None and rank() == 0:
+        mark_opened(_store)
 
 
 def launched_by_torchrun() -> bool:
@@ -70,16 +103,20 @@ def init_distributed(
 ) -> torch.device:
     """Join torchrun's process group if launched by it; return the device this rank uses.
 
-    On CUDA each rank takes GPU ``LOCAL_RANK``; on the CPU the device is unchanged.
+    On CUDA each rank takes GPU ``LOCAL_RANK`` (``--device cuda``); on the CPU the device is
+    unchanged.
     """
     global _timeout_s
     _timeout_s = float(timeout)
     if not launched_by_torchrun() or is_distributed():
         return device
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank())
+    device = rank_device(device)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl":
+        for key, value in nccl_environment().items():
+            os.environ.setdefault(key, value)
     dist.init_process_group(
         backend=backend,
         store=_attempt_store(),
@@ -97,12 +134,57 @@ def init_distributed(
     return device
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """The device of this rank: ``cuda`` becomes ``cuda:LOCAL_RANK``.
+
+    An explicit ``cuda:K`` is kept only with one process per node; with several it would put
+    them all on GPU K, so it is refused.
+    """
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        return torch.device("cuda", local_rank())
+    if local_world_size() > 1:
+        raise ConfigError(
+            f"config key 'device': {device} would put all {local_world_size()} processes of "
+            "this node on one GPU; pass --device cuda to give each process the GPU of its "
+            "local rank (or CUDA_VISIBLE_DEVICES to choose the GPUs)"
+        )
+    return device
+
+
+def nccl_environment() -> dict[str, str]:
+    """What NCCL process groups need so that a dead or stuck peer ends the job.
+
+    * ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``: when a collective passes the process group's
+      timeout (``--dist-timeout``) or a communicator fails, the watchdog aborts the
+      communicators and ends the process, naming the rank, the operation and its sequence
+      number; torchrun then restarts or ends the job.
+    * ``TORCH_NCCL_BLOCKING_WAIT=0``: waits stay asynchronous (a blocking wait would stall the
+      CPU on every lazy exchange); the watchdog, not the waiting thread, enforces the timeout.
+    * ``TORCH_NCCL_ENABLE_MONITORING=1`` with ``TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC``: if the
+      watchdog itself hangs (a stuck driver), the heartbeat monitor ends the process after
+      the collective timeout plus a minute.
+
+    Values already in the environment are kept (a user's choice wins).
+    """
+    return {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCH_NCCL_BLOCKING_WAIT": "0",
+        "TORCH_NCCL_ENABLE_MONITORING": "1",
+        "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(int(_timeout_s) + 60),
+    }
+
+
 def _attempt_store() -> dist.Store:
     """torchrun's key-value store, with keys private to this attempt of the job.
 
-    After a restart (``--max-restarts``) the agent may keep its store; without a prefix the new
-    workers would read the dead workers' addresses and fail to connect.
+    After a restart (``--max-restarts``) the agent keeps its store; without a prefix the new
+    workers would read the dead workers' addresses and fail to connect. The prefix is the
+    attempt all ranks agree on (:func:`deepimage.parallel.attempt.agree`), never a per-node
+    restart count.
     """
+    global _store, _attempt
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
@@ -111,12 +193,23 @@ def _attempt_store() -> dist.Store:
         is_master=not agent and int(os.environ["RANK"]) == 0,
         timeout=datetime.timedelta(seconds=_timeout_s),
     )
-    return dist.PrefixStore(f"deepimage/attempt_{restart_count()}", store)
+    _store = store
+    _attempt = agree(
+        store,
+        int(os.environ["RANK"]),
+        int(os.environ["WORLD_SIZE"]),
+        _timeout_s,
+        restarted=restart_count() > 0,
+    )
+    logger.info("attempt %d of this job (resume: %s)", _attempt.number, _attempt.resume)
+    return dist.PrefixStore(_attempt.prefix, store)
 
 
 def destroy() -> None:
+    global _store, _attempt
     if is_distributed():
         dist.destroy_process_group()
+    _store, _attempt = None, None
 
 
 @contextlib.contextmanager

@@ -186,6 +186,22 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def restore_cuda_rng(saved: Any, device: torch.device) -> None:
+    """Restore the saved CUDA generator state onto ``device`` alone.
+
+    ``saved`` is one state (this format) or, from older checkpoints, rank 0's list over all
+    of its GPUs, of which its own (the first) is taken: the host that resumes may have fewer
+    GPUs, and each rank owns only its own generator.
+    """
+    if saved is None or device.type != "cuda":
+        return
+    if isinstance(saved, list | tuple):
+        if not saved:
+            return
+        saved = saved[0]
+    torch.cuda.set_rng_state(saved, device)
+
+
 class Trainer:
     """Owns the model, optimizer, schedule and run folder of one training run."""
 
@@ -323,8 +339,8 @@ class Trainer:
         )
         self._keep_stats_on_root()
         rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = list(torch.cuda.get_rng_state_all())
+        if self.device.type == "cuda":  # this rank's GPU only: hosts differ in GPU count
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "version": 1,
             "model": self.sync.model_state_dict(),
@@ -359,8 +375,7 @@ class Trainer:
                 )
             self.scaler.load_state_dict(state["grad_scaler"])
         torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
+        restore_cuda_rng(state["rng"].get("cuda"), self.device)
 
     def save_checkpoint(self) -> None:
         state = self.state()
@@ -407,6 +422,7 @@ class Trainer:
             logger.info("nothing to resume in %s: starting afresh", self.run)
         if self.rank != 0:
             return
+        pdist.mark_run_opened()  # a restart of this torchrun job resumes this run
         self.history = self._read_history(keep_before=self.epoch)
         self._write_history()
         if self.cfg.tensorboard:
@@ -660,7 +676,8 @@ class Trainer:
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train as configured; returns the run summary (also in ``RUN/summary.json``).
 
-    Under torchrun, a restarted job (``--max-restarts``) resumes from the last checkpoint.
+    Under torchrun, a restarted job (``--max-restarts``) resumes from the last checkpoint
+    once an earlier attempt of the same job opened the run folder (agreed by all ranks).
     A fine-tuning run (``init_from`` or ``trainable``) also writes ``RUN/finetune.json``, and
     its summary holds the same report under ``"finetune"``.
     """
@@ -671,7 +688,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if report is not None and trainer.rank == 0 and (resume or not taken):
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             atomic_write_json(Path(cfg.out) / FINETUNE_REPORT, report.as_dict())
-        summary = trainer.fit(resume=resume or pdist.restart_count() > 0)
+        summary = trainer.fit(resume=resume or pdist.job_restarted_after_open())
         if report is not None:
             summary = {**summary, "finetune": report.as_dict()}
         return summary
