@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +67,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> None:
     """Write ``obj`` as JSON (and a final newline) to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_write_json_list(path: str | Path, items: Iterable[Any]) -> None:
+    """Write ``items`` as a JSON array, one item per line, to ``path`` atomically.
+
+    Streams: the items are encoded one at a time, never joined into one string, so a list of
+    a million paths costs no more memory than its largest item.
+    """
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("[")
+            for k, item in enumerate(items):
+                f.write(",\n " if k else "\n ")
+                f.write(json.dumps(item))
+            f.write("\n]\n")
+
+    atomic_write(path, write)

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -67,3 +68,14 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     atomic_write_text(tmp_path / "a.txt", "two")
     assert (tmp_path / "a.txt").read_text() == "two"
     assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_atomic_write_json_list_streams_a_json_array(tmp_path):
+    from deepimage.files import atomic_write_json_list
+
+    items = ["a", 'quote " and é', {"k": [1, 2]}, None]
+    atomic_write_json_list(tmp_path / "l.json", iter(items))
+    atomic_write_json_list(tmp_path / "empty.json", [])
+    assert json.loads((tmp_path / "l.json").read_text(encoding="utf-8")) == items
+    assert json.loads((tmp_path / "empty.json").read_text()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "l.json"]

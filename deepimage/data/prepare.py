@@ -10,6 +10,7 @@ at the first unfinished group. Files that cannot be decoded are skipped and list
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import hashlib
@@ -63,7 +64,7 @@ from deepimage.data.store import (
     tar_header,
     tar_padding,
 )
-from deepimage.files import atomic_write, atomic_write_json, fsync_dir
+from deepimage.files import atomic_write, atomic_write_json, atomic_write_json_list, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +280,9 @@ class _Group:
     """The shards of one group of consecutive images (one shard per size), being written.
 
     ``close`` writes the tar end blocks, fsyncs, and records the group in the journal
-    ``groups/<number>.json``; only recorded groups survive an interruption.
+    ``groups/<number>.json``; only recorded groups survive an interruption. Per row it keeps
+    the index position of its source (``kept``), its label and, per size, (offset, length,
+    CRC-32) as machine integers, which the finished group keeps in memory (:func:`_compact`).
     """
 
     def __init__(self, build: Path, number: int, enc: _Encoding, src: int, row: int) -> None:
@@ -288,8 +291,9 @@ class _Group:
         self.files: dict[int, BinaryIO] = {}
         self.hashes = {s: hashlib.sha256() for s in enc.sizes}
         self.pos = dict.fromkeys(enc.sizes, 0)
-        self.index: dict[int, list[tuple[int, int, int]]] = {s: [] for s in enc.sizes}
-        self.labels: list[int] = []
+        self.index = {s: array.array("q") for s in enc.sizes}  # offset, length, CRC-32
+        self.labels = array.array("q")
+        self.kept = array.array("q")  # the index position of each row's source
         self.paths: list[str] = []
         self.skipped: list[dict[str, str]] = []
         self.pixel_sum = np.zeros(3, np.int64)
@@ -304,14 +308,15 @@ class _Group:
         self.pos[size] += len(data)
 
     def add(self, label: int, path: str, result: Result) -> None:
-        _, _, blobs, crcs, s1, s2 = result
+        i, _, blobs, crcs, s1, s2 = result
         name = member_name(self.rows[1], self.enc.encoding)
         for size, blob, crc in zip(self.enc.sizes, blobs, crcs):
             self._write(size, tar_header(name, len(blob)))
-            self.index[size].append((self.pos[size], len(blob), crc))
+            self.index[size].extend((self.pos[size], len(blob), crc))
             self._write(size, blob)
             self._write(size, tar_padding(len(blob)))
         self.labels.append(label)
+        self.kept.append(i)
         self.paths.append(path)
         self.pixel_sum += s1
         self.outer_sum += s2
@@ -337,15 +342,28 @@ class _Group:
             "src": self.src,
             "rows": self.rows,
             "shards": shards,
-            "index": {str(s): v for s, v in self.index.items()},
-            "labels": self.labels,
+            "index": {str(s): np.asarray(v).reshape(-1, 3).tolist() for s, v in self.index.items()},
+            "labels": self.labels.tolist(),
+            "kept": self.kept.tolist(),
             "paths": self.paths,
             "skipped": self.skipped,
             "pixel_sum": self.pixel_sum.tolist(),
             "outer_sum": self.outer_sum.tolist(),
         }
         atomic_write_json(self.build / GROUPS / f"{self.number:06d}.json", record, indent=0)
-        return record
+        return _compact(record)
+
+
+def _compact(record: dict[str, Any]) -> dict[str, Any]:
+    """A group's record as kept in memory until the store is finished: rows as int64 arrays
+    (24 bytes per row and size, 16 for label and source), paths left out (the index has
+    them), so that memory grows with the number of images by a few bytes only."""
+    out = dict(record)
+    out["index"] = {s: np.asarray(v, np.int64).reshape(-1, 3) for s, v in record["index"].items()}
+    out["labels"] = np.asarray(record["labels"], np.int64)
+    out["kept"] = np.asarray(record["kept"], np.int64)
+    del out["paths"]
+    return out
 
 
 def _resume(build: Path, fingerprint: str) -> list[dict[str, Any]] | None:
@@ -361,7 +379,8 @@ def _resume(build: Path, fingerprint: str) -> list[dict[str, Any]] | None:
     for number in itertools.count():
         try:
             record = json.loads((build / GROUPS / f"{number:06d}.json").read_text("utf-8"))
-        except (OSError, ValueError):
+            record = _compact(record)
+        except (OSError, ValueError, KeyError):  # KeyError: a journal of an earlier layout
             break
         whole = all(
             (build / d["file"]).is_file() and (build / d["file"]).stat().st_size == d["bytes"]
@@ -508,6 +527,7 @@ def prepare_store(
             shutil.rmtree(build, ignore_errors=True)
             raise
         _replace_dir(build, out_p)
+        del groups  # before the store's own index is read
     return Store.open(out_p)
 
 
@@ -578,12 +598,14 @@ def _finish(
             f"none of the {len(index)} images from {index.root} could be decoded"
         )
     for size in enc.sizes:
-        rows = np.array([r for g in groups for r in g["index"][str(size)]], np.int64)
+        rows = np.concatenate([g["index"][str(size)] for g in groups])
         _save_npy(build / index_file(size), rows.reshape(n, 3))
-    labels = np.array([lab for g in groups for lab in g["labels"]], dtype=np.int64)
+        del rows
+    labels = np.concatenate([g["labels"] for g in groups])
     _save_npy(build / LABELS, labels)
     skipped = [*index.skipped, *(item for g in groups for item in g["skipped"])]
-    atomic_write_json(build / PATHS, [p for g in groups for p in g["paths"]], indent=1)
+    samples = index.samples
+    atomic_write_json_list(build / PATHS, (samples[i].path for g in groups for i in g["kept"]))
     atomic_write_json(build / SKIPPED, skipped, indent=1)
     pixel_sum = np.sum([g["pixel_sum"] for g in groups], axis=0, dtype=np.int64)
     outer_sum = np.sum([g["outer_sum"] for g in groups], axis=0, dtype=np.int64)

@@ -83,11 +83,38 @@ def member_name(row: int, encoding: str) -> str:
     return f"{row:09d}.{'jpg' if encoding == 'jpeg' else 'u8'}"
 
 
-def tar_header(name: str, size: int) -> bytes:
-    """A POSIX (ustar) header of a regular file; fixed fields, so shards are reproducible."""
+def _tarfile_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o644
     return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+# ustar fields: name [0, 100), size [124, 136), checksum [148, 156); the rest is the same for
+# every member, so it is taken once from tarfile's own header.
+_USTAR = bytearray(_tarfile_header("", 0))
+_USTAR[:100] = bytes(100)
+_USTAR_MID = bytes(_USTAR[100:124]) + bytes(_USTAR[136:148])
+_USTAR_TAIL = bytes(_USTAR[156:])
+_USTAR_SUM = sum(_USTAR_MID) + sum(_USTAR_TAIL) + 8 * ord(" ")  # checksum field as spaces
+_USTAR_MAX_SIZE = 8**11  # 11 octal digits; larger sizes need tarfile's base-256 field
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """A POSIX (ustar) header of a regular file; fixed fields, so shards are reproducible.
+
+    Byte for byte what ``tarfile`` writes (mode 644, mtime 0), built from a template: the
+    writer makes one per row and size, and tarfile's general code took about as long as
+    decoding a small image.
+    """
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or not 0 <= size < _USTAR_MAX_SIZE:
+        return _tarfile_header(name, size)  # long names (prefix field), huge members
+    size_field = b"%011o\0" % size
+    checksum = _USTAR_SUM + sum(raw) + sum(size_field)
+    return b"".join(
+        (raw, bytes(100 - len(raw)), _USTAR_MID[:24], size_field, _USTAR_MID[24:],
+         b"%06o\0 " % checksum, _USTAR_TAIL)
+    )  # fmt: skip
 
 
 def tar_padding(size: int) -> bytes:
@@ -140,7 +167,7 @@ class Store:
         path: Path,
         manifest: dict[str, Any],
         labels: np.ndarray,
-        paths: list[str],
+        paths: list[str] | None,
         skipped: list[dict[str, str]],
         index: dict[int, np.ndarray] | None = None,
     ) -> None:
@@ -155,7 +182,7 @@ class Store:
         self.root: str = manifest.get("root", "")
         self.stats: dict[str, Any] = dict(manifest["stats"])
         self.labels = labels
-        self.paths = paths
+        self._paths = paths  # read on first use: training needs none of them
         self.skipped = skipped
         self._index = index or {}
         self._shards: dict[int, list[dict[str, Any]]] = {
@@ -201,12 +228,13 @@ class Store:
             raise _incomplete(p, f"unreadable {MANIFEST} ({type(e).__name__}: {e})") from None
         try:
             labels = np.load(p / LABELS, allow_pickle=False)
-            paths = json.loads((p / PATHS).read_text(encoding="utf-8"))
             skipped = json.loads((p / SKIPPED).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise _incomplete(p, f"unreadable data files ({type(e).__name__}: {e})") from None
-        if labels.shape != (n,) or len(paths) != n or not isinstance(skipped, list):
-            raise _incomplete(p, f"labels/paths do not match n={n}")
+        if not (p / PATHS).is_file():
+            raise _incomplete(p, f"no {PATHS}")
+        if labels.shape != (n,) or not isinstance(skipped, list):
+            raise _incomplete(p, f"labels do not match n={n}")
         if n and (labels.min() < 0 or labels.max() >= len(manifest["classes"])):
             raise _incomplete(p, "labels out of range")
         index = (
@@ -214,7 +242,7 @@ class Store:
             if manifest["version"] == 1
             else _check_shards(p, manifest, n, sizes, verify)
         )
-        return cls(p, manifest, labels.astype(np.int64, copy=False), paths, skipped, index)
+        return cls(p, manifest, labels.astype(np.int64, copy=False), None, skipped, index)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -224,6 +252,20 @@ class Store:
             f"Store({str(self.path)!r}, n={len(self)}, sizes={self.sizes}, mode={self.mode!r}, "
             f"encoding={self.encoding!r})"
         )
+
+    @property
+    def paths(self) -> list[str]:
+        """The source path of every row, read from ``paths.json`` on first use (at ImageNet
+        scale some 150 MB of strings that training never needs)."""
+        if self._paths is None:
+            try:
+                paths = json.loads((self.path / PATHS).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise _incomplete(self.path, f"unreadable {PATHS} ({type(e).__name__})") from None
+            if not isinstance(paths, list) or len(paths) != len(self):
+                raise _incomplete(self.path, f"{PATHS} does not match n={len(self)}")
+            self._paths = paths
+        return self._paths
 
     @property
     def fingerprint(self) -> str:
@@ -348,6 +390,7 @@ class Store:
         state = self.__dict__.copy()
         state["_images"] = {}  # re-map in the receiving process instead of copying pixels
         state["_fds"] = {}  # file descriptors belong to one process
+        state["_paths"] = None  # read again where needed
         return state
 
 

@@ -469,3 +469,61 @@ def test_progress_bar_shows_images_per_second_and_time_left(flat_folder, tmp_pat
     prepare_store(scan_folder(flat_folder), tmp_path / "s", [8], workers=0, progress=True)
     err = capsys.readouterr().err
     assert "preparing store" in err and "img/s" in err and "<" in err  # elapsed<left
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("000000007.jpg", 0), ("000000123.u8", 196_608), ("", 1), ("n" * 100, 8**11 - 1),
+     ("long/" * 30 + "x.jpg", 5), ("é.jpg", 3)],
+)  # fmt: skip
+def test_tar_header_is_what_tarfile_writes(name, size):
+    from deepimage.data.store import tar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    assert tar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def test_preparation_memory_beyond_the_index_is_a_few_integers_per_image(tmp_path):
+    """Preparing keeps, per image, only the store's own row index (a label and, per size,
+    offset, length and CRC-32 as int64) beyond the source index: Python's peak memory during
+    ``prepare_store`` grows by at most three copies of that per image, however many images."""
+    import tracemalloc
+
+    sizes = [4, 8]
+    row_bytes = 8 * (1 + 3 * len(sizes))
+
+    def folder(n):
+        root = tmp_path / f"f{n}"
+        for k in range(n):
+            (root / f"c{k % 4}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (k % 256, k // 256, 7)).save(root / f"c{k % 4}/{k}.png")
+        return scan_folder(root)
+
+    def peak(index, out):
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            prepare_store(index, out, sizes, workers=0, progress=False, encoding="raw",
+                          shard_bytes=200_000)  # fmt: skip
+            return tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+
+    small, large = folder(200), folder(1200)
+    peak(small, tmp_path / "warm")  # first use imports modules
+    growth = (peak(large, tmp_path / "large") - peak(small, tmp_path / "small")) / 1000
+    assert growth < 3 * row_bytes, f"{growth:.0f} bytes per image"
+
+
+def test_store_paths_are_read_on_first_use_and_checked(flat_folder, tmp_path):
+    out = tmp_path / "s"
+    prepare_store(scan_folder(flat_folder), out, [8], workers=0, progress=False)
+    paths = json.loads((out / "paths.json").read_text())
+    (out / "paths.json").write_text(json.dumps(paths[:-1]))
+    store = Store.open(out)  # opening reads no paths
+    with pytest.raises(IncompleteStoreError, match=r"paths\.json does not match n=12"):
+        store.paths  # noqa: B018
+    (out / "paths.json").unlink()
+    with pytest.raises(IncompleteStoreError, match=r"no paths\.json"):
+        Store.open(out)
