@@ -28,7 +28,7 @@ OptimizerName = Literal["sgd", "adamw"]
 ResizeMode = Literal["stretch", "shorter"]
 SyncName = Literal["ddp", "butterfly", "lazy"]
 ParallelName = Literal["data", "hybrid"]
-AugmentPreset = Literal["deepimage", "alexnet", "crop_flip", "none"]
+AugmentPreset = Literal["deepimage", "alexnet", "crop_flip", "airbench", "none"]
 
 
 logger = logging.getLogger(__name__)
