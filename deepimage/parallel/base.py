@@ -114,8 +114,8 @@ class SyncStrategy:
     often, so evaluation gives every rank the same number of batches."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if len(optimizer.param_groups) != 1:
-            raise ValueError("gradient-sync strategies support one parameter group")
+        if len(optimizer.param_groups) != 1 and not self.steps_optimizer:
+            raise ValueError(f"the {self.name} sync strategy supports one parameter group")
         self.model = model
         self.optimizer = optimizer
         self.params = [p for _, p in trainable(model)]
