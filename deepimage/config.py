@@ -22,13 +22,14 @@ import yaml
 from deepimage.files import atomic_write_text
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-Schedule = Literal["plateau", "step", "exp", "constant"]
+Schedule = Literal["plateau", "step", "exp", "constant", "linear"]
 LrScaling = Literal["none", "linear"]
 OptimizerName = Literal["sgd", "adamw"]
 ResizeMode = Literal["stretch", "shorter"]
 SyncName = Literal["ddp", "butterfly", "lazy"]
 ParallelName = Literal["data", "hybrid"]
-AugmentPreset = Literal["deepimage", "alexnet", "crop_flip", "none"]
+AugmentPreset = Literal["deepimage", "alexnet", "crop_flip", "airbench", "none"]
+TtaMode = Literal["center", "flip", "dense", "shift"]
 
 
 logger = logging.getLogger(__name__)
@@ -74,14 +75,22 @@ class TrainConfig:
     lr: float = 0.01  # at batch 256 when lr_scaling is "linear", else as given
     lr_scaling: LrScaling = "none"
     momentum: float = 0.9
+    nesterov: bool = False  # Nesterov momentum (SGD)
     weight_decay: float = 5e-4
+    norm_bias_lr_scale: float = 1.0  # normalisation layers' parameters: lr x this, wd / this
+    whiten_bias_epochs: int = 0  # epochs a whitening conv's bias trains, then frozen (0: never)
+    lookahead_every: int = 0  # steps between Lookahead (EMA of weights) updates; 0: off
+    lookahead_decay: float = 0.7737809375  # EMA decay 0.95^5 at the end, scaled by (t/T)^3
     schedule: Schedule = "plateau"
     gamma: float = 0.1  # factor of each decay (plateau, step) or per epoch (exp)
     milestones: list[int] = field(default_factory=list)  # epochs of the step schedule
     patience: int = 2  # epochs without improvement before a plateau decay
     min_lr: float = 1e-6
     warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs (fractions allowed)
+    warmup_start: float = 0.0  # warm-up starts at this fraction of lr (linear schedule: airbench)
     label_smoothing: float = 0.0
+    # evaluation: test-time augmentation recorded with the model, used by `deepimage evaluate`
+    tta: list[TtaMode] = field(default_factory=lambda: ["center"])
     # execution
     precision: Precision = "auto"  # auto: by the hardware (deepimage.precision); bf16, fp16, fp32
     channels_last: bool | Literal["auto"] = "auto"  # NHWC memory layout; auto follows precision
@@ -116,6 +125,28 @@ class TrainConfig:
         _positive(self, "size", "crop", "epochs", "batch_size", "accum_steps", "max_pixels")
         _non_negative(self, "workers", "checkpoint_every", "warmup_epochs", "weight_decay")
         _non_negative(self, "momentum", "min_lr", "patience", "label_smoothing")
+        _non_negative(self, "whiten_bias_epochs", "lookahead_every")
+        if self.norm_bias_lr_scale <= 0:
+            raise ConfigError(
+                f"config key 'norm_bias_lr_scale': must be > 0, got {self.norm_bias_lr_scale}"
+            )
+        for key in ("warmup_start", "lookahead_decay"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(
+                    f"config key '{key}': must be in [0, 1], got {getattr(self, key)}"
+                )
+        if not self.tta:
+            raise ConfigError("config key 'tta': needs at least one view (e.g. [center])")
+        plain_sgd = self.sync != "ddp" or self.parallel != "data"
+        for key, default in (("nesterov", False), ("norm_bias_lr_scale", 1.0),
+                             ("whiten_bias_epochs", 0), ("lookahead_every", 0)):  # fmt: skip
+            if plain_sgd and getattr(self, key) != default:
+                raise ConfigError(
+                    f"config key '{key}': sync {self.sync} with parallel {self.parallel} applies "
+                    "plain SGD to one parameter group itself; use sync ddp with parallel data"
+                )
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ConfigError("config key 'nesterov': needs optimizer sgd with momentum > 0")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ConfigError(f"config key 'dropout': must be in [0, 1), got {self.dropout}")
         if self.lr <= 0:

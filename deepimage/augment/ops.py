@@ -83,6 +83,29 @@ def _base(crop: int, device: torch.device) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- geometry
 
 
+def pad_images(images: torch.Tensor, pad: int, mode: str = "reflect") -> torch.Tensor:
+    """``(n, S, S, 3)`` images padded by ``pad`` pixels per side to ``(n, S + 2 pad, ...)``,
+    any dtype, on their device: ``reflect`` mirrors about the border pixel (not repeating
+    it, as ``numpy.pad``'s ``reflect``), ``constant`` adds zeros."""
+    if pad <= 0:
+        return images
+    n, h, w = images.shape[:3]
+    if mode == "constant":
+        out = images.new_zeros((n, h + 2 * pad, w + 2 * pad, *images.shape[3:]))
+        out[:, pad : pad + h, pad : pad + w] = images
+        return out
+    if mode != "reflect":
+        raise ValueError(f"unknown pad mode {mode!r}; known: reflect, constant")
+    if pad >= min(h, w):
+        raise ValueError(f"reflect padding {pad} needs images larger than {pad} pixels")
+
+    def index(length: int) -> torch.Tensor:
+        i = torch.arange(-pad, length + pad, device=images.device).abs()
+        return torch.where(i >= length, 2 * (length - 1) - i, i)
+
+    return images[:, index(h)][:, :, index(w)]
+
+
 def grid_coefficients(
     params: AugmentParams,
     crop: int,

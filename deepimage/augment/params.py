@@ -37,21 +37,37 @@ import torch
 
 from deepimage.rng import Stream, keyed_uniform
 
+PAD_MODES = ("reflect", "constant")
+
 
 @dataclass(frozen=True)
 class Crop:
     """Random ``C x C`` crop of the ``S x S`` image, origins on the integer grid
     ``{0, ..., S - C - 1}`` per axis (``S - C`` positions, the paper's 288 for 224 of 512);
-    ``random=False`` takes the centre crop."""
+    ``random=False`` takes the centre crop.
+
+    ``pad > 0`` first pads the image by ``pad`` pixels per side (``pad_mode`` ``reflect``
+    mirrors the border without repeating it, ``constant`` adds black) and takes origins
+    ``{0, ..., S + 2 pad - C}`` of the padded image: with ``C == S`` a translation by
+    ``-pad .. pad`` pixels per axis (airbench's small translations).
+    """
 
     random: bool = True
+    pad: int = 0
+    pad_mode: str = "reflect"
 
 
 @dataclass(frozen=True)
 class Flip:
-    """Horizontal mirror with probability ``p``."""
+    """Horizontal mirror with probability ``p``.
+
+    ``alternate`` derandomizes it over epochs (airbench): image ``i`` is mirrored in even
+    epochs when its own keyed coin (drawn once, from epoch 0's key) falls below ``p``, and in
+    odd epochs exactly when it is not, so every image is seen both ways every two epochs.
+    """
 
     p: float = 0.5
+    alternate: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,6 +167,11 @@ class AugmentConfig:
             or self.lens.degrees * self.lens.k_step >= 1 / 3
         ):
             raise ValueError("augmentation 'lens': needs degrees >= 1, stretches >= 0, |k| < 1/3")
+        if self.crop.pad < 0 or self.crop.pad_mode not in PAD_MODES:
+            raise ValueError(
+                f"augmentation 'crop': needs pad >= 0 and pad_mode in {PAD_MODES}, "
+                f"got {self.crop.pad}, {self.crop.pad_mode!r}"
+            )
         if self.rotation.steps < 1 or self.cast.max_shift < 1:
             raise ValueError("augmentations 'rotation', 'cast': need steps, max_shift >= 1")
 
@@ -184,10 +205,13 @@ def augment_config_from_dict(data: dict[str, dict[str, Any]] | None) -> AugmentC
 # --------------------------------------------------------------------------- grids
 
 
-def crop_origins(size: int, crop: int) -> np.ndarray:
-    """Crop origins along one axis: ``0 .. S - C - 1`` (one origin, 0, when ``S == C``)."""
+def crop_origins(size: int, crop: int, pad: int = 0) -> np.ndarray:
+    """Crop origins along one axis: ``0 .. S - C - 1`` (one origin, 0, when ``S == C``);
+    with ``pad``, every origin ``0 .. S + 2 pad - C`` of the padded image."""
     if crop > size:
         raise ValueError(f"crop {crop} is larger than the images ({size})")
+    if pad > 0:
+        return np.arange(size + 2 * pad - crop + 1, dtype=np.int64)
     return np.arange(max(size - crop, 1), dtype=np.int64)
 
 
@@ -237,7 +261,7 @@ class AugmentParams:
     window, so no border ever shows. ``cast`` and ``light`` are RGB shifts in 0..255 units.
     """
 
-    top: torch.Tensor  # int64 (B,)  crop origin in the S x S image
+    top: torch.Tensor  # int64 (B,)  crop origin in the S x S image (padded, with Crop.pad)
     left: torch.Tensor  # int64 (B,)
     flip: torch.Tensor  # bool (B,)
     angle: torch.Tensor  # float64 (B,) degrees, counter-clockwise
@@ -364,11 +388,11 @@ def params_from_uniforms(
     (:mod:`deepimage.augment.table`).
     """
     n = len(u["flip"])
-    origins = crop_origins(size, crop)
+    origins = crop_origins(size, crop, cfg.crop.pad)
     if cfg.crop.random:
         top, left = pick(u["crop"][:, 0], origins), pick(u["crop"][:, 1], origins)
     else:
-        top = left = np.full(n, (size - crop) // 2, dtype=np.int64)
+        top = left = np.full(n, cfg.crop.pad + (size - crop) // 2, dtype=np.int64)
 
     flip = u["flip"][:, 0] < cfg.flip.p
 
@@ -418,6 +442,13 @@ def sample_params(
     """Parameters for the images ``rows`` of ``epoch``: a pure function of (seed, epoch, row).
 
     ``stats`` are the store's pixel statistics (``eigval``, ``eigvec``), needed only when PCA
-    lighting is on.
+    lighting is on. An alternating flip (:class:`Flip`) takes its coin from epoch 0's key and
+    inverts it in odd epochs.
     """
-    return params_from_uniforms(cfg, draw_uniforms(seed, epoch, rows), size, crop, stats)
+    u = draw_uniforms(seed, epoch, rows)
+    if cfg.flip.alternate and epoch != 0:
+        u["flip"] = draw_uniforms(seed, 0, rows)["flip"]
+    params = params_from_uniforms(cfg, u, size, crop, stats)
+    if cfg.flip.alternate and epoch % 2 == 1:
+        params.flip = ~params.flip
+    return params

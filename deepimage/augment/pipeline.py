@@ -6,8 +6,9 @@
 input, channels_last in memory. Every parameter is a pure function of (seed, epoch, row).
 
 Presets (:data:`PRESETS`): ``deepimage`` the paper's full set (section 4.1, Table 1; the
-training default), ``alexnet`` crop, flip and PCA lighting, ``crop_flip`` and ``none``
-(centre crop).
+training default), ``alexnet`` crop, flip and PCA lighting, ``crop_flip``, ``airbench``
+(alternating flips and translations by up to 2 pixels of reflect-padded images, the CIFAR-10
+recipe of Jordan, arXiv 2404.00498) and ``none`` (centre crop).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from deepimage.augment.ops import (
     apply_crops,
     apply_params,
     apply_to_sources,
+    pad_images,
     resolve_backend,
 )
 from deepimage.augment.params import (
@@ -54,6 +56,9 @@ PRESETS: dict[str, AugmentConfig] = {
     "deepimage": AugmentConfig(),
     "alexnet": AugmentConfig(**{**_OFF, "lighting": Lighting(p=1.0)}),
     "crop_flip": AugmentConfig(**_OFF),
+    "airbench": AugmentConfig(
+        crop=Crop(pad=2, pad_mode="reflect"), flip=Flip(alternate=True), **_OFF
+    ),
     "none": AugmentConfig(crop=Crop(random=False), flip=Flip(p=0.0), **_OFF),
 }
 
@@ -121,14 +126,20 @@ class Augment:
                 f"expected (B, {self.size}, {self.size}, 3) uint8 images, got {tuple(images.shape)}"
             )
         out = self._output(len(images), images.device)
+        images = pad_images(images, self.config.crop.pad, self.config.crop.pad_mode)
         return apply_params(
             images, params, self.crop, self.mean, self.std, self._norm, out, backend=self.backend
         )
+
+    def _no_pad(self, what: str) -> None:
+        if self.config.crop.pad > 0:
+            raise ValueError(f"{what} cannot pad before cropping: use Augment.apply")
 
     def apply_windows(self, windows: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """:meth:`apply` to the ``(B, C, C, 3)`` crop windows ``images[b, top:top + C,
         left:left + C]`` alone (e.g. from :func:`deepimage.data.loader.read_windows`): the
         same result, as every warp stays inside its crop window, without reading the rest."""
+        self._no_pad("apply_windows")
         if windows.shape[1:] != (self.crop, self.crop, 3):
             raise ValueError(
                 f"expected (B, {self.crop}, {self.crop}, 3) uint8 windows, "
@@ -155,6 +166,8 @@ class Augment:
             )
         rows = np.asarray(rows)
         p = self.params(rows, epoch)
+        if self.config.crop.pad > 0:  # the windows reach into the padding: whole images
+            return self.apply(torch.from_numpy(np.ascontiguousarray(images[rows])), p)
         shape = (len(rows), self.crop, self.crop, 3)
         if self._windows is None or self._windows.shape[0] < len(rows):
             self._windows = np.empty(shape, np.uint8)
@@ -195,6 +208,7 @@ class Augment:
         The resize is bilinear without the store's antialiasing; decoded with Pillow's
         ``draft`` (reduced DCT scale) a photo is under 2 S per side, so this aliases little.
         """
+        self._no_pad("Augment.sources")
         p = self.params(rows, epoch)
         out = self._output(len(images), images[0].device if len(images) else torch.device("cpu"))
         return apply_to_sources(

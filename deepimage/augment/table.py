@@ -56,7 +56,7 @@ def enumerate_support(
     at "not applied"), and a column of its parameters per result."""
     axes: list[np.ndarray]
     if name == "crop":
-        n = len(crop_origins(size, crop))
+        n = len(crop_origins(size, crop, cfg.crop.pad))
         axes = [_cells(n), _cells(n)]
     elif name == "flip":
         axes = [_bool_cells(cfg.flip.p)]

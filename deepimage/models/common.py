@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -122,3 +123,69 @@ class KeyedDropout(nn.Dropout):
         u = unit_uniform(keys, self.stream, self.first_unit, x[0].numel(), x.device)
         keep = (u >= self.p).view(x.shape)
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+# --- first layers initialised from data ------------------------------------------------------
+
+
+class WhiteningConv(nn.Conv2d):
+    """A ``k x k`` convolution (stride 1, no padding) of ``in_channels`` whose filters whiten
+    the ``k x k`` patches of the training images (airbench, arXiv 2404.00498).
+
+    It has ``2 n`` outputs, ``n = in_channels * k * k``: the eigenvectors of the patches'
+    second-moment matrix, each divided by ``sqrt(eigenvalue + eps)``, then their negatives
+    (so a following GELU keeps both signs). The weights come from :meth:`init_from_data`,
+    which the trainer calls once before training on model-ready inputs (it must be the
+    model's first layer); the bias starts at zero.
+    """
+
+    def __init__(self, in_channels: int = 3, kernel_size: int = 2, eps: float = 5e-4) -> None:
+        n = in_channels * kernel_size * kernel_size
+        super().__init__(in_channels, 2 * n, kernel_size, padding=0, bias=True)
+        self.eps = float(eps)
+        with torch.no_grad():
+            self.bias.zero_()
+
+    @torch.no_grad()
+    def init_from_data(self, batches: Iterable[torch.Tensor]) -> None:
+        """Set the filters from batches of ``(B, C, H, W)`` model inputs.
+
+        The moments accumulate in float64 on the inputs' device, and each eigenvector's sign
+        is fixed (its largest component positive), so the weights do not depend on the
+        batching, the thread count or the linear-algebra library's sign convention.
+        """
+        c, k = self.in_channels, self.kernel_size[0]
+        n = c * k * k
+        moment = None
+        count = 0
+        for x in batches:
+            if x.ndim != 4 or x.shape[1] != c:
+                raise ValueError(f"whitening expects (B, {c}, H, W) inputs, got {tuple(x.shape)}")
+            patches = x.double().unfold(2, k, 1).unfold(3, k, 1)  # (B, C, H', W', k, k)
+            flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, n)
+            part = flat.T @ flat
+            moment = part if moment is None else moment + part
+            count += len(flat)
+        if moment is None or count == 0:
+            raise ValueError("whitening needs at least one image")
+        eigval, eigvec = torch.linalg.eigh(moment / count)
+        eigval, eigvec = eigval.flip(0), eigvec.flip(1)  # largest variance first
+        largest = eigvec.abs().argmax(0)
+        eigvec = eigvec * torch.sign(eigvec[largest, torch.arange(n)])[None, :]
+        filters = eigvec.T / torch.sqrt(eigval.clamp(min=0) + self.eps)[:, None]
+        filters = filters.reshape(n, c, k, k)
+        self.weight.copy_(torch.cat([filters, -filters]).to(self.weight))
+        self.bias.zero_()
+
+
+def needs_data_init(model: nn.Module) -> bool:
+    """Whether ``model`` has layers (:class:`WhiteningConv`) set from training images."""
+    return any(isinstance(m, WhiteningConv) for m in model.modules())
+
+
+def init_from_data(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Initialise ``model``'s data-dependent first layer from batches of model inputs."""
+    layers = [m for m in model.modules() if isinstance(m, WhiteningConv)]
+    if len(layers) != 1:
+        raise ValueError(f"expected one WhiteningConv as the first layer, found {len(layers)}")
+    layers[0].init_from_data(batches)

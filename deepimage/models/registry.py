@@ -3,7 +3,7 @@
 Names understood by :func:`get_model`:
 
 * deepimage's own models, registered with :func:`register_model`: ``vgg16_deepimage``,
-  ``vgg19_deepimage``, ``alexnet``, ``resnet18``;
+  ``vgg19_deepimage``, ``alexnet``, ``resnet18``, ``airbench94``;
 * ``tv:<name>``: any torchvision classification model, e.g. ``tv:resnet50``,
   ``tv:mobilenet_v3_small`` (always randomly initialised);
 * ``timm:<name>``: any timm model when timm is installed, e.g. ``timm:convnext_nano``.

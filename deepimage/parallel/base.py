@@ -118,8 +118,8 @@ class SyncStrategy:
     themselves (sharded or delayed) cannot skip a step on inf, so they train in bf16 or fp32."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if len(optimizer.param_groups) != 1:
-            raise ValueError("gradient-sync strategies support one parameter group")
+        if len(optimizer.param_groups) != 1 and not self.steps_optimizer:
+            raise ValueError(f"the {self.name} sync strategy supports one parameter group")
         self.model = model
         self.optimizer = optimizer
         self.params = [p for _, p in trainable(model)]

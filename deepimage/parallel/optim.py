@@ -2,43 +2,88 @@
 
 A small factory keyed by the config's ``optimizer``. The butterfly and lazy strategies apply
 SGD's arithmetic to their own parameter shards, so they accept SGD only.
+
+Parameter groups (:func:`param_groups`): the first holds every parameter without a group of
+its own; ``norm_bias_lr_scale`` gives normalisation layers' parameters (airbench's BN biases)
+``lr x scale`` and ``weight_decay / scale`` (the same decay per step); ``whiten_bias_epochs``
+puts whitening convolutions' biases in a group whose lr drops to 0 from that epoch on (frozen,
+so no weight decay or momentum moves them either). :func:`set_lr` applies both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import nn
 
 from deepimage.config import TrainConfig
+from deepimage.models.common import WhiteningConv
+
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+ParamGroups = list[dict[str, Any]]
 
 
-def _sgd(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def _sgd(params: ParamGroups, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         params,
         lr=cfg.effective_lr(),
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov,
         foreach=True,
     )
 
 
-def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def _adamw(params: ParamGroups, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay, foreach=True
     )
 
 
-OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter], TrainConfig], torch.optim.Optimizer]]
+OPTIMIZERS: dict[str, Callable[[ParamGroups, TrainConfig], torch.optim.Optimizer]]
 OPTIMIZERS = {"sgd": _sgd, "adamw": _adamw}
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def param_groups(model: nn.Module, cfg: TrainConfig) -> ParamGroups:
+    """The trainable parameters of ``model`` in groups (see the module docstring); one group
+    when neither ``norm_bias_lr_scale`` nor ``whiten_bias_epochs`` asks for more."""
+    late: set[int] = set()
+    if cfg.whiten_bias_epochs > 0:
+        late = {id(m.bias) for m in model.modules() if isinstance(m, WhiteningConv)
+                and m.bias is not None}  # fmt: skip
+    norm: set[int] = set()
+    if cfg.norm_bias_lr_scale != 1.0:
+        norm = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS)
+                for p in m.parameters(recurse=False)}  # fmt: skip
+    main, norms, lates = [], [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (lates if id(p) in late else norms if id(p) in norm else main).append(p)
+    groups: ParamGroups = [{"params": main, "name": "main"}]
+    if norms:
+        scale = cfg.norm_bias_lr_scale
+        groups.append({"params": norms, "name": "norm", "lr_scale": scale,
+                       "weight_decay": cfg.weight_decay / scale})  # fmt: skip
+    if lates:
+        groups.append({"params": lates, "name": "whiten_bias",
+                       "frozen_from_epoch": cfg.whiten_bias_epochs})  # fmt: skip
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The configured optimizer over every trainable parameter of ``model``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return OPTIMIZERS[cfg.optimizer](params, cfg)
+    return OPTIMIZERS[cfg.optimizer](param_groups(model, cfg), cfg)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, epoch: int | None = None) -> None:
+    """Set every group's lr: ``lr`` times the group's ``lr_scale``, 0 in a group frozen from
+    an epoch on (when ``epoch`` is given)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        frozen = group.get("frozen_from_epoch")
+        if epoch is not None and frozen is not None and epoch >= frozen:
+            group["lr"] = 0.0
+        else:
+            group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -585,7 +585,8 @@ class Trainer:
                 start = time.perf_counter()
                 halt = False
                 for images, labels, rows in bar:
-                    set_lr(self.optimizer, self.schedule.lr_at(self.epoch, self.step_in_epoch))
+                    lr = self.schedule.lr_at(self.epoch, self.step_in_epoch)
+                    set_lr(self.optimizer, lr, self.epoch)
                     loss = self._train_step(images, labels, rows)
                     self.step_in_epoch += 1
                     self.global_step += 1

@@ -1,4 +1,6 @@
-"""Learning-rate schedules: the paper's divide-by-10-on-plateau, steps, exponential, warm-up.
+"""Learning-rate schedules: the paper's divide-by-10-on-plateau, steps, exponential, warm-up,
+and ``linear``: airbench's triangle, a warm-up to ``lr`` then a straight line down to
+``min_lr`` at the last step of the run.
 
 A schedule maps (epoch, step within epoch) to a learning rate; the plateau schedule also
 watches validation accuracy at each epoch's end. Its state is a small JSON-able dict, saved
@@ -21,6 +23,7 @@ _DECAYS: dict[str, Callable[[TrainConfig, int], float]] = {
     "plateau": lambda cfg, epoch: 1.0,  # its decays live in the state, not in the epoch
     "step": lambda cfg, epoch: cfg.gamma ** sum(epoch >= m for m in cfg.milestones),
     "exp": lambda cfg, epoch: cfg.gamma**epoch,
+    "linear": lambda cfg, epoch: 1.0,  # its decay is per step (LRSchedule.lr_at)
 }
 
 
@@ -32,6 +35,9 @@ class LRSchedule:
         self.base_lr = cfg.effective_lr()
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
         self.plateau_scale = 1.0
         self.best: float | None = None
         self.bad_epochs = 0
@@ -40,8 +46,13 @@ class LRSchedule:
         lr = self.base_lr * _DECAYS[self.cfg.schedule](self.cfg, epoch) * self.plateau_scale
         global_step = epoch * self.steps_per_epoch + step_in_epoch
         if global_step < self.warmup_steps:
-            lr *= (global_step + 1) / self.warmup_steps
-        return max(lr, self.cfg.min_lr) if global_step >= self.warmup_steps else lr
+            start = self.cfg.warmup_start
+            return lr * (start + (1 - start) * (global_step + 1) / self.warmup_steps)
+        if self.cfg.schedule == "linear":  # lr at the warm-up's end, min_lr at the last step
+            span = max(1, self.total_steps - 1 - self.warmup_steps)
+            done = min(1.0, (global_step - self.warmup_steps) / span)
+            return lr + (self.cfg.min_lr - lr) * done
+        return max(lr, self.cfg.min_lr)
 
     def end_epoch(self, epoch: int, accuracy: float | None) -> None:
         """Divide by 1/gamma when ``accuracy`` has not improved for ``patience`` epochs."""
