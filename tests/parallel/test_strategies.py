@@ -104,3 +104,19 @@ def test_lazy_leaves_exchanges_in_flight_after_backward(spawned):
         for case in ("lazy-accum1", "lazy-accum2"):
             info = report[case]
             assert info["pending_after_backward"] == [info["n_layers"]] * workers.STEPS
+
+
+def test_butterfly_reduce_scatters_start_during_backward(spawned):
+    """Butterfly overlaps its reduce-scatters with backward, as DDP's buckets do: by the time
+    backward reaches the input image (the first layer's gradient), every bucket but the one
+    holding the first layers has issued its reduce-scatter (counted where the collectives
+    are called); launching them all in step() would leave none."""
+    _, _, reports = spawned
+    for report in reports:
+        for case in ("butterfly-accum1", "butterfly-accum2"):
+            info = report[case]
+            buckets = len(info["ownership"])
+            assert buckets > 2
+            launched = info["launched_before_input_grad"]
+            assert len(launched) == workers.STEPS, case
+            assert all(buckets - 1 <= n <= buckets for n in launched), (case, launched)

@@ -166,19 +166,26 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
         lo, hi = rank * local, (rank + 1) * local
         case = f"{sync}-accum{accum}"
         per_step_bytes, per_step_wire, identical, pending_after_backward = [], [], [], []
+        launched_before_input_grad = []
         for step in range(STEPS):
             x, y, rows = batch(step)
             strategy.stats.reset()
             wire.take()
+            x_local, before, seen = x[lo:hi], wire.calls, []
+            if sync == "butterfly":  # collectives issued when backward reaches the input
+                x_local = x_local.clone().requires_grad_(True)
+                x_local.register_hook(lambda g, seen=seen: seen.append(wire.calls))
             with wire.counting():
                 forward_backward(
-                    train_model, x[lo:hi], y[lo:hi], accum_steps=accum, precision="fp32",
+                    train_model, x_local, y[lo:hi], accum_steps=accum, precision="fp32",
                     micro_step=strategy.micro_step, dropout_key=(rows[lo:hi], SEED, step),
                 )  # fmt: skip
                 if sync == "lazy":
                     pending_after_backward.append(
                         sum(layer.pending is not None for layer in strategy.layers)
                     )
+                if seen:  # the last micro-batch's backward, the one that syncs
+                    launched_before_input_grad.append(seen[-1] - before)
                 strategy.step()
                 strategy.zero_grad()
                 strategy.flush()  # exact weights, to compare across ranks at every step
@@ -195,6 +202,7 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
             "grad_bytes": sum(p.numel() * 4 for p in model.parameters()),
             "n_layers": len(getattr(strategy, "layers", [])),
             "pending_after_backward": pending_after_backward,
+            "launched_before_input_grad": launched_before_input_grad,
         }
         if sync == "butterfly":
             info["ownership"] = strategy.ownership
