@@ -21,7 +21,8 @@ def _bench_scaling(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     spec = spec_with(model=args.model, width=args.width, image_size=args.image_size,
-                     batch_per_rank=args.batch_per_rank, steps=args.steps)  # fmt: skip
+                     batch_per_rank=args.batch_per_rank, steps=args.steps,
+                     repeats=args.repeats)  # fmt: skip
     result = bench_scaling(args.procs, args.sync, spec, out)
     print_scaling(result)
     write_json(result, out / "scaling.json")
@@ -80,7 +81,8 @@ def _add_parallel_benches(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=float, default=None, help="default 0.25")
     p.add_argument("--image-size", type=int, default=None, help="default 64")
     p.add_argument("--batch-per-rank", type=int, default=None, help="default 16")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 6)")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed window (default 6)")
+    p.add_argument("--repeats", type=int, default=None, help="timed windows (default 3)")
     p.add_argument("--out", default="bench-scaling", help="folder for the JSON and PNG")
     p = bench.add_parser("hybrid", help="hybrid vs data parallel: step time, memory, bytes")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])

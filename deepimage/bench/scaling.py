@@ -1,10 +1,15 @@
 """``deepimage bench scaling``: data-parallel step time, sync time and bytes against N.
 
-The benchmark spawns N gloo processes per strategy and times steps of a model on a fixed
-per-rank batch: compute time (the same step on one process, no exchange), the time the
-training thread spends blocked in the strategy (``blocking``: butterfly's whole exchange and
-update; lazy's launches and waits in the hooks), the exposed sync time (step time minus compute
-time) and the bytes each rank sends (ring accounting, see :mod:`deepimage.parallel.base`).
+The benchmark spawns N gloo processes per strategy and times whole steps of a model on a
+fixed per-rank batch. A timed window is ``steps`` consecutive steps, run as the training loop
+runs them (no barrier between steps), closed by the strategy's flush and a barrier inside the
+timer: every exchange the window started, lazy update's deferred ones included, is paid
+for in it. ``step_s`` is the window's time over ``steps``, the median of ``repeats`` windows
+(``spread``: their min and max). Reported with it: compute time (the same step on one process,
+no exchange), the time the training thread spends blocked in the strategy (``blocking``:
+butterfly's waits and update; lazy's launches and waits in the hooks), the exposed sync time
+(step time minus compute time) and the bytes each rank sends per step (ring accounting, see
+:mod:`deepimage.parallel.base`).
 ``bench simulate --measured scaling.json`` checks :mod:`deepimage.parallel.perf_model` on it.
 """
 
@@ -13,11 +18,13 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from deepimage.bench.spawn import rank_env, spawn
+from deepimage.parallel.base import CommStats
 
 
 @dataclass
@@ -26,9 +33,40 @@ class BenchSpec:
     width: float = 0.25
     image_size: int = 64
     batch_per_rank: int = 16
-    steps: int = 6
+    steps: int = 6  # steps per timed window
     warmup: int = 2
+    repeats: int = 3  # timed windows
     bucket_mb: float = 25.0
+
+
+def time_windows(
+    run_step: Callable[[], None],
+    flush: Callable[[], None],
+    barrier: Callable[[], None],
+    stats: CommStats,
+    steps: int,
+    repeats: int,
+) -> tuple[list[float], list[float], list[float]]:
+    """Seconds, blocking seconds and bytes per step of ``repeats`` windows of ``steps`` steps.
+
+    A window starts with nothing in flight on any rank and ends once ``flush`` has finished
+    the exchanges its steps left in flight and ``barrier`` has seen every rank done: all
+    inside the timer, so a strategy that defers its exchange pays for it here.
+    """
+    times, blocking, sent = [], [], []
+    for _ in range(repeats):
+        flush()
+        barrier()  # every rank starts the window together, nothing in flight
+        stats.reset()
+        start = time.perf_counter()
+        for _ in range(steps):
+            run_step()
+        flush()  # the window's last exchanges (lazy defers them to the next step)
+        barrier()  # and every rank's: the window ends when the slowest rank is done
+        times.append((time.perf_counter() - start) / steps)
+        blocking.append(stats.blocking_s / steps)
+        sent.append(stats.bytes_sent / steps)
+    return times, blocking, sent
 
 
 def _measure(rank: int, world: int, port: int, sync: str, spec: BenchSpec, out: str) -> None:
@@ -52,20 +90,17 @@ def _measure(rank: int, world: int, port: int, sync: str, spec: BenchSpec, out: 
     b = spec.batch_per_rank
     x = torch.randn(b, 3, spec.image_size, spec.image_size)
     y = torch.randint(0, 100, (b,))
-    times, blocking, sent = [], [], []
-    for step in range(spec.warmup + spec.steps):
-        pdist.barrier()
-        strategy.stats.reset()
-        start = time.perf_counter()
+
+    def run_step() -> None:
         forward_backward(train_model, x, y, precision="fp32", micro_step=strategy.micro_step)
         strategy.step()
         strategy.zero_grad()
-        if step >= spec.warmup:
-            times.append(time.perf_counter() - start)
-            blocking.append(strategy.stats.blocking_s)
-            sent.append(strategy.stats.bytes_sent)
-    strategy.flush()
-    pdist.barrier()
+
+    for _ in range(spec.warmup):
+        run_step()
+    times, blocking, sent = time_windows(
+        run_step, strategy.flush, pdist.barrier, strategy.stats, spec.steps, spec.repeats
+    )
     if rank == 0:
         Path(out).write_text(json.dumps({"step_s": statistics.median(times),
                                          "blocking_s": statistics.median(blocking),
@@ -99,7 +134,8 @@ def print_scaling(result: dict[str, Any]) -> None:
     spec = result["spec"]
     print(
         f"# scaling: {spec['model']} width {spec['width']} at {spec['image_size']}px, "
-        f"{spec['batch_per_rank']} images per process, gloo, medians of {spec['steps']} steps"
+        f"{spec['batch_per_rank']} images per process, gloo, whole steps: median of "
+        f"{spec.get('repeats', 1)} windows of {spec['steps']} steps, each closed by flush + barrier"
     )
     print(f"{'N':>3} {'sync':>9} {'compute ms':>11} {'step ms':>9} {'blocking ms':>12} "
           f"{'exposed ms':>11} {'MB/rank':>9}")  # fmt: skip

@@ -11,12 +11,23 @@ N) and rank k owns part k (:attr:`Butterfly.ownership`). After backward:
 
 Each rank sends ``(N-1)/N`` of the gradient in step 1 and ``(N-1)/N`` of the parameters in
 step 3: ``2 (N-1)/N`` x gradient bytes per step, a constant as N grows (the paper's
-"communication overhead independent of the number of GPUs"). Buckets are pipelined: the
-update of one bucket runs while later buckets are still being reduced.
+"communication overhead independent of the number of GPUs").
+
+Step 1 overlaps backward, as DDP's buckets do: a post-accumulate-grad hook on every
+parameter counts the bucket's finished gradients, and once a bucket is complete (on the last
+micro-batch of a step) its reduce-scatter starts while backward goes on with earlier layers.
+Buckets are launched in one fixed order on every rank (last bucket first, the order backward
+reaches them) so that the collectives pair up; a bucket completed out of turn waits for
+the ones before it. :meth:`Butterfly.step` launches what backward did not (parameters
+without a gradient), then updates each bucket as its reduction lands, while later buckets
+are still being reduced, and all-gathers the updated parts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +96,17 @@ class Butterfly(SyncStrategy):
         self.buckets = make_buckets(sizes, max(1, int(bucket_mb * 2**20 / 4)), self.world)
         self.momentum: list[torch.Tensor | None] = [None] * len(self.buckets)
         self.device = pdist.comm_device()
+        self._bucket_of = {i: b.index for b in self.buckets for i in b.params}
+        self._ready = [0] * len(self.buckets)  # gradients accumulated this step, per bucket
+        self._inflight: list[tuple[torch.Tensor, torch.Tensor, Any] | None] = [None] * len(
+            self.buckets
+        )
+        self._next = len(self.buckets) - 1  # the next bucket to launch, counting down
+        self._sync = True
+        self._handles = [
+            p.register_post_accumulate_grad_hook(lambda _p, i=i: self._on_grad(i))
+            for i, p in enumerate(self.params)
+        ]
 
     @property
     def ownership(self) -> list[dict[str, Any]]:
@@ -114,26 +136,68 @@ class Butterfly(SyncStrategy):
             flat[off : off + p.numel()].copy_(src.reshape(-1))
         return flat
 
+    @contextlib.contextmanager
+    def micro_step(self, last: bool) -> Iterator[None]:
+        """Launch reductions from backward only on the last micro-batch of a step."""
+        self._sync = last
+        try:
+            yield
+        finally:
+            self._sync = True
+
+    # backward: launch each bucket's reduce-scatter as soon as its gradients are complete ----
+
+    def _on_grad(self, i: int) -> None:
+        if not self._sync:
+            return
+        b = self._bucket_of[i]
+        self._ready[b] += 1
+        if self._ready[b] == len(self.buckets[b].params):
+            start = time.perf_counter()
+            self._launch_ready()
+            self.stats.blocking_s += time.perf_counter() - start
+
+    def _launch_ready(self, everything: bool = False) -> None:
+        """Launch, in the fixed order, every bucket whose turn has come (all with
+        ``everything``: the end of backward, where unused parameters count as zero)."""
+        while self._next >= 0:
+            b = self.buckets[self._next]
+            if not everything and self._ready[b.index] < len(b.params):
+                return
+            self._launch(b)
+            self._next -= 1
+
+    @torch.no_grad()
+    def _launch(self, b: Bucket) -> None:
+        n = self.world
+        grad = self._flat(b, grads=True)
+        out = torch.empty(b.part, dtype=grad.dtype, device=self.device)
+        work = None
+        if n > 1:
+            self.stats.record("reduce_scatter", ring_bytes("rs", grad.numel() * 4, n))
+            with pdist.guard("reduce_scatter"):
+                work = reduce_scatter_into(out, grad, async_op=True)
+        else:
+            out.copy_(grad)
+        self._inflight[b.index] = (grad, out, work)
+
+    @property
+    def launched(self) -> int:
+        """Buckets whose reduce-scatter has started this step."""
+        return sum(entry is not None for entry in self._inflight)
+
     @torch.no_grad()
     def step(self) -> None:
         hyper = self.hyper
         n = self.world
         with self.stats.blocking():
-            sends, outs, works = [], [], []
-            for b in self.buckets:  # start every reduce-scatter, then work as they land
-                grad = self._flat(b, grads=True)
-                out = torch.empty(b.part, dtype=grad.dtype, device=self.device)
-                if n > 1:
-                    self.stats.record("reduce_scatter", ring_bytes("rs", grad.numel() * 4, n))
-                    with pdist.guard("reduce_scatter"):
-                        works.append(reduce_scatter_into(out, grad, async_op=True))
-                else:
-                    out.copy_(grad)
-                    works.append(None)
-                sends.append(grad)
-                outs.append(out)
+            self._launch_ready(everything=True)  # what backward left (unused parameters)
+            inflight, self._inflight = self._inflight, [None] * len(self.buckets)
+            self._ready = [0] * len(self.buckets)
+            self._next = len(self.buckets) - 1
             gathers = []
-            for b, out, work in zip(self.buckets, outs, works):
+            for b in reversed(self.buckets):  # in launch order, updating as they land
+                _, out, work = inflight[b.index]
                 pdist.wait(work, "reduce_scatter")
                 if n > 1:
                     out.div_(n)
@@ -153,6 +217,11 @@ class Butterfly(SyncStrategy):
                 for i, off in zip(b.params, b.offsets):
                     p = self.params[i]
                     p.copy_(flat[off : off + p.numel()].view(p.shape))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     # full optimizer state, independent of the world size ---------------------------------
 

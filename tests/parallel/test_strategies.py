@@ -2,7 +2,9 @@
 
 Each world size is one ``torch.multiprocessing.spawn`` of N processes that trains every case of
 :data:`tests.parallel.workers.CASES` for a few steps of a tiny VGG (width 1/16, 32 px, fp32,
-dropout 0.5 keyed by image) on its slice of each global batch of 8.
+dropout 0.5 keyed by image) on its slice of each global batch of 8, flushing after every step
+to compare the ranks; lazy update's deferred path (no flush between steps, as the training
+loop runs it) has a spawn of its own.
 """
 
 from __future__ import annotations
@@ -104,3 +106,37 @@ def test_lazy_leaves_exchanges_in_flight_after_backward(spawned):
         for case in ("lazy-accum1", "lazy-accum2"):
             info = report[case]
             assert info["pending_after_backward"] == [info["n_layers"]] * workers.STEPS
+
+
+def test_butterfly_reduce_scatters_start_during_backward(spawned):
+    """Butterfly overlaps its reduce-scatters with backward, as DDP's buckets do: by the time
+    backward reaches the input image (the first layer's gradient), every bucket but the one
+    holding the first layers has issued its reduce-scatter (counted where the collectives
+    are called); launching them all in step() would leave none."""
+    _, _, reports = spawned
+    for report in reports:
+        for case in ("butterfly-accum1", "butterfly-accum2"):
+            info = report[case]
+            buckets = len(info["ownership"])
+            assert buckets > 2
+            launched = info["launched_before_input_grad"]
+            assert len(launched) == workers.STEPS, case
+            assert all(buckets - 1 <= n <= buckets for n in launched), (case, launched)
+
+
+def test_lazy_deferred_updates_equal_one_process_sgd(tmp_path):
+    """Lazy update without a flush between steps, as the training loop runs it: two gloo
+    processes for DEFERRED_STEPS steps with a learning rate that changes every step, then
+    one flush, end with the weights of torch.optim.SGD on the whole batch in one process
+    (within RTOL). Every layer's update was still in flight between steps, so each one was
+    applied by the next step's forward pass, with the learning rate of its own step."""
+    world = 2
+    mp.spawn(workers.run_lazy_deferred, args=(world, free_port(), str(tmp_path)), nprocs=world)
+    for rank in range(world):
+        report = json.loads((tmp_path / f"deferred-{rank}.json").read_text())
+        assert report["pending_between_steps"] == [report["n_layers"]] * workers.DEFERRED_STEPS
+    reference = workers.reference_weights(workers.DEFERRED_STEPS, schedule=True)
+    weights = load_file(tmp_path / "lazy-deferred.safetensors")
+    for key, ref in reference.items():
+        err = relative_error(weights[key], ref)
+        assert err <= RTOL, f"lazy deferred: {key} off by {err:.2e} (relative)"

@@ -128,13 +128,20 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, y, rows
 
 
-def reference_weights() -> dict[str, torch.Tensor]:
-    """One process, the whole batch, torch.optim.SGD."""
+def lr_at(step: int) -> float:
+    """A learning rate that changes every step (the deferred lazy test's schedule)."""
+    return HYPER["lr"] * (1.0 - 0.15 * step)
+
+
+def reference_weights(steps: int = STEPS, schedule: bool = False) -> dict[str, torch.Tensor]:
+    """One process, the whole batch, torch.optim.SGD (lr :func:`lr_at` with ``schedule``)."""
     from deepimage.train.step import forward_backward
 
     model = build_model()
     opt = torch.optim.SGD(model.parameters(), **HYPER)
-    for step in range(STEPS):
+    for step in range(steps):
+        if schedule:
+            opt.param_groups[0]["lr"] = lr_at(step)
         x, y, rows = batch(step)
         forward_backward(model, x, y, precision="fp32", dropout_key=(rows, SEED, step))
         opt.step()
@@ -166,19 +173,26 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
         lo, hi = rank * local, (rank + 1) * local
         case = f"{sync}-accum{accum}"
         per_step_bytes, per_step_wire, identical, pending_after_backward = [], [], [], []
+        launched_before_input_grad = []
         for step in range(STEPS):
             x, y, rows = batch(step)
             strategy.stats.reset()
             wire.take()
+            x_local, before, seen = x[lo:hi], wire.calls, []
+            if sync == "butterfly":  # collectives issued when backward reaches the input
+                x_local = x_local.clone().requires_grad_(True)
+                x_local.register_hook(lambda g, seen=seen: seen.append(wire.calls))
             with wire.counting():
                 forward_backward(
-                    train_model, x[lo:hi], y[lo:hi], accum_steps=accum, precision="fp32",
+                    train_model, x_local, y[lo:hi], accum_steps=accum, precision="fp32",
                     micro_step=strategy.micro_step, dropout_key=(rows[lo:hi], SEED, step),
                 )  # fmt: skip
                 if sync == "lazy":
                     pending_after_backward.append(
                         sum(layer.pending is not None for layer in strategy.layers)
                     )
+                if seen:  # the last micro-batch's backward, the one that syncs
+                    launched_before_input_grad.append(seen[-1] - before)
                 strategy.step()
                 strategy.zero_grad()
                 strategy.flush()  # exact weights, to compare across ranks at every step
@@ -195,6 +209,7 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
             "grad_bytes": sum(p.numel() * 4 for p in model.parameters()),
             "n_layers": len(getattr(strategy, "layers", [])),
             "pending_after_backward": pending_after_backward,
+            "launched_before_input_grad": launched_before_input_grad,
         }
         if sync == "butterfly":
             info["ownership"] = strategy.ownership
@@ -211,6 +226,45 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
             save_file(weights, str(Path(out) / f"{case}.safetensors"))
         strategy.close()
     (Path(out) / f"report-{rank}.json").write_text(json.dumps(report, default=str))
+    dist.destroy_process_group()
+
+
+DEFERRED_STEPS = 5
+
+
+def run_lazy_deferred(rank: int, world: int, port: int, out: str) -> None:
+    """Lazy update as the training loop drives it: no flush between steps (each layer's
+    update lands in the next forward pass), the learning rate changing every step, one
+    flush at the end."""
+    from deepimage.parallel.base import broadcast_model
+    from deepimage.parallel.registry import build_strategy
+    from deepimage.train.step import forward_backward
+
+    setup(rank, world, port)
+    model = build_model()
+    broadcast_model(model)
+    opt = torch.optim.SGD(model.parameters(), **HYPER)
+    strategy = build_strategy("lazy", model, opt)
+    local = GLOBAL_BATCH // world
+    lo, hi = rank * local, (rank + 1) * local
+    pending = []
+    for step in range(DEFERRED_STEPS):
+        opt.param_groups[0]["lr"] = lr_at(step)
+        x, y, rows = batch(step)
+        forward_backward(
+            model, x[lo:hi], y[lo:hi], precision="fp32", micro_step=strategy.micro_step,
+            dropout_key=(rows[lo:hi], SEED, step),
+        )  # fmt: skip
+        strategy.step()
+        strategy.zero_grad()
+        pending.append(sum(layer.pending is not None for layer in strategy.layers))
+    strategy.flush()
+    report = {"pending_between_steps": pending, "n_layers": len(strategy.layers)}
+    (Path(out) / f"deferred-{rank}.json").write_text(json.dumps(report))
+    if rank == 0:
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(Path(out) / "lazy-deferred.safetensors"))
+    strategy.close()
     dist.destroy_process_group()
 
 
