@@ -13,6 +13,14 @@ model; the training loop only calls, per optimizer step::
 
 and :meth:`SyncStrategy.flush` before it reads the weights (evaluation, checkpoint, end).
 
+Batch-norm running statistics are buffers, not gradients: each rank updates its own from its
+slice of the batch, so they drift apart. :meth:`SyncStrategy.flush` gives every rank rank 0's
+(:meth:`SyncStrategy.sync_buffers`). DistributedDataParallel broadcasts rank 0's buffers
+before every forward, and rank 0 writes the checkpoints, so its saved statistics are rank
+0's own sequence of updates; broadcasting at flush yields exactly that sequence too, for every
+strategy, at no per-step cost (in training mode the statistics are written, never read).
+``--sync-bn`` computes them over the global batch instead.
+
 Bytes are counted per rank as what a bandwidth-optimal ring sends for each collective the
 strategy issues (the algorithm NCCL uses): reduce-scatter and all-gather of ``B`` bytes send
 ``(N-1)/N * B`` each, an all-reduce ``2 (N-1)/N * B``. They are counted from the sizes of the
@@ -23,6 +31,7 @@ implementation of a collective may move more than the ring would.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +41,9 @@ import torch
 from torch import nn
 
 from deepimage.parallel import dist as pdist
+
+logger = logging.getLogger(__name__)
+_warned_bn = False
 
 
 @dataclass
@@ -127,6 +139,8 @@ class SyncStrategy:
         self.world = pdist.world_size()
         self.rank = pdist.rank()
         self.stats = CommStats()
+        self.bn_buffers = running_stat_buffers(model)
+        _warn_bn_once(model, self.bn_buffers, self.world)
 
     @property
     def hyper(self) -> dict[str, float]:
@@ -162,7 +176,19 @@ class SyncStrategy:
             p.grad = None
 
     def flush(self) -> None:
-        """Make the weights exact: finish every exchange and update still in flight."""
+        """Make the weights exact: finish every exchange and update still in flight, and
+        give every rank rank 0's batch-norm statistics (collective: every rank calls it)."""
+        self.sync_buffers()
+
+    def sync_buffers(self) -> None:
+        """Copy rank 0's batch-norm running statistics to every rank."""
+        if self.world > 1 and self.bn_buffers:
+            device = pdist.comm_device()
+            staged = [b.detach().to(device) for b in self.bn_buffers]
+            pdist.broadcast_(staged, 0, op="broadcast(batch-norm statistics)")
+            with torch.no_grad():
+                for b, s in zip(self.bn_buffers, staged):
+                    b.copy_(s)
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state in ``torch.optim.SGD``'s format, the same on every rank and for any
@@ -199,6 +225,36 @@ class SyncStrategy:
             buf = None if not entry else entry.get("momentum_buffer")
             out.append(None if buf is None else buf.detach().to(p.device, p.dtype).clone())
         return out
+
+
+def running_stat_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The running statistics (mean, variance, batch count) of every batch-norm layer."""
+    out: list[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            out += [b for b in (module.running_mean, module.running_var) if b is not None]
+            if module.num_batches_tracked is not None:
+                out.append(module.num_batches_tracked)
+    return out
+
+
+def _warn_bn_once(model: nn.Module, buffers: list[torch.Tensor], world: int) -> None:
+    global _warned_bn
+    if _warned_bn or world <= 1 or not buffers:
+        return
+    from deepimage.parallel.sync_bn import SyncBatchNorm2d
+
+    synced = (SyncBatchNorm2d, nn.SyncBatchNorm)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    if all(isinstance(m, synced) for m in norms):
+        return
+    _warned_bn = True
+    logger.warning(
+        "batch norm without --sync-bn: each rank normalises its own slice of the batch, and "
+        "the running statistics kept are rank 0's (given to every rank before evaluation and "
+        "checkpoints), so the model depends on the number of processes; --sync-bn normalises "
+        "over the global batch"
+    )
 
 
 def broadcast_model(model: nn.Module, src: int = 0) -> None:

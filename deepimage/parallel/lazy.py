@@ -158,6 +158,7 @@ class LazyUpdate(SyncStrategy):
         for layer in self.layers:
             if layer.pending is not None:
                 self._apply(layer)
+        super().flush()  # batch-norm statistics
 
     def state_dict(self) -> dict[str, Any]:
         self.flush()

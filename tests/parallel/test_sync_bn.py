@@ -82,3 +82,31 @@ def test_two_processes_equal_one(tmp_path) -> None:
             assert err <= tol, f"{sync}: {key} off by {err:.2e} (relative), tolerance {tol:.1e}"
         for rank, report in enumerate(reports):
             assert all(report[sync]["identical"]), f"{sync}: ranks disagree (rank {rank})"
+
+
+@pytest.mark.slow
+def test_plain_batch_norm_statistics_are_rank_zeros_on_every_rank_under_each_strategy(
+    tmp_path,
+) -> None:
+    """Without --sync-bn each rank's running statistics follow its own slice of the batch;
+    after flush every rank holds rank 0's, which are DDP's, under butterfly and lazy too."""
+    from tests.parallel import buffer_workers
+
+    ctx = mp.spawn(
+        buffer_workers.run_bn_buffers, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False
+    )
+    ctx.join(timeout=300)
+    reports = [json.loads((tmp_path / f"buffers-{r}.json").read_text()) for r in range(2)]
+    for report in reports:
+        for sync, seen in report.items():
+            assert not seen["before"], f"{sync}: the slices should give different statistics"
+            assert seen["after"], f"{sync}: ranks hold different statistics after flush"
+    ddp = load_file(tmp_path / "buffers-ddp.safetensors")
+    for sync in ("butterfly", "lazy"):
+        got = load_file(tmp_path / f"buffers-{sync}.safetensors")
+        assert got.keys() == ddp.keys()
+        for key, value in ddp.items():
+            if value.is_floating_point():
+                assert relative_error(got[key], value) <= RTOL, (sync, key)
+            else:
+                assert torch.equal(got[key], value), (sync, key)
