@@ -52,13 +52,19 @@ EXTS = {".jpg", ".jpeg", ".JPEG", ".JPG", ".png"}
 # --------------------------------------------------------------------------- peers
 
 
-def user_vignette(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def user_vignette(
+    rng: np.random.Generator,
+    h: int,
+    w: int,
+    radius: tuple[float, float] = (0.1, 0.88),
+    strength: tuple[float, float] = (0.015, 0.735),
+) -> np.ndarray:
     """The vignette a user writes: a radial darkening mask, random area and strength."""
     yy, xx = np.ogrid[:h, :w]
     r = np.sqrt(
         ((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2) / (((h - 1) ** 2 + (w - 1) ** 2) / 4)
     )
-    r0, s = rng.uniform(0.1, 0.88), rng.uniform(0.015, 0.735)
+    r0, s = rng.uniform(*radius), rng.uniform(*strength)
     return (1 - s * np.clip((r - r0) / (1 - r0), 0, 1) ** 2).astype(np.float32)
 
 

@@ -54,8 +54,15 @@ def _bench_hybrid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_loader(args: argparse.Namespace) -> int:
+    from deepimage.bench.loader import main
+
+    return main(args)
+
+
 BENCHES: dict[str, Callable[[argparse.Namespace], int]] = {
     "augment": _bench_augment,
+    "loader": _bench_loader,
     "scaling": _bench_scaling,
     "simulate": _bench_simulate,
     "hybrid": _bench_hybrid,
@@ -69,6 +76,19 @@ def _add_augment(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--limit", type=int, default=None, help="use the first N photos")
+
+
+def _add_loader(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("loader", help="input pipeline batches/s against albumentations")
+    p.add_argument("--data", required=True, help="prepared store folder")
+    p.add_argument("--size", type=int, required=True, help="S, a size of the store")
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--augment", default="deepimage", help="preset (default deepimage)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--images", type=int, default=2000, help="at least this many per pass")
+    p.add_argument("--no-peer", dest="peer", action="store_false", help="skip albumentations")
 
 
 def _add_parallel_benches(bench: argparse._SubParsersAction) -> None:
@@ -102,6 +122,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (see also benchmarks/)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     _add_augment(bench)
+    _add_loader(bench)
     _add_parallel_benches(bench)
 
 

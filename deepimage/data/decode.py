@@ -16,10 +16,13 @@ import re
 import threading
 import warnings
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -296,3 +299,22 @@ def decode_jpeg(data: bytes | bytearray | memoryview, out: np.ndarray | None = N
         return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
     except ValueError as e:
         raise DecodeError(f"cannot decode JPEG: {_reason(e)}") from None
+
+
+def decode_jpegs_on_device(blobs: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """JPEG byte tensors (1-D uint8, on CPU; pinned is best) -> ``(B, H, W, 3)`` uint8 RGB on
+    ``device``, decoded there as one batch (``torchvision.io.decode_jpeg``: nvjpeg on CUDA).
+
+    The images must share one size (a store's rows do). The same bytes give the same pixels
+    on the same kind of device; they differ from :func:`decode_jpeg`'s by IDCT rounding.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 marks its decoders deprecated
+        warnings.simplefilter("ignore")
+        try:
+            images = decode_jpeg(list(blobs), mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as e:
+            raise DecodeError(f"cannot decode JPEG on {device}: {_reason(e)}") from None
+    return torch.stack(images).permute(0, 2, 3, 1)

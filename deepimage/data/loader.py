@@ -9,8 +9,9 @@ pixels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -62,34 +63,86 @@ def stratified_split(
     return np.setdiff1d(rows, val_rows), val_rows
 
 
-class StoreBatches(Dataset):
-    """Dataset whose item ``i`` is a whole batch: (uint8 images BHWC, labels, rows)."""
+BatchTransform = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
 
-    def __init__(self, store_path: str | Path, size: int, batches: Sequence[np.ndarray]):
+
+def decode_on_device(device: torch.device | str, encoding: str) -> bool:
+    """Whether batches of a store with ``encoding`` are decoded on ``device`` itself: JPEG
+    rows on CUDA (nvjpeg, :func:`~deepimage.data.decode.decode_jpegs_on_device`); on CPU the
+    loader workers decode."""
+    return torch.device(device).type == "cuda" and encoding == "jpeg"
+
+
+InputPath = Literal["cache", "device-decode", "worker-augment", "worker-decode"]
+
+
+def input_path(device: torch.device | str, encoding: str, cached: bool) -> InputPath:
+    """Where a training batch is decoded and augmented, by device and store encoding:
+
+    ``cache``           the device cache (:class:`DeviceCache`) decodes; augmented on device
+    ``device-decode``   CUDA and a JPEG store: workers read the bytes (pinned), the GPU
+                        decodes them as one batch (nvjpeg) and augments (torch backend)
+    ``worker-augment``  CPU: the workers decode and augment; the training process only trains
+    ``worker-decode``   other devices: the workers decode, the device augments
+    """
+    device = torch.device(device)
+    if cached:
+        return "cache"
+    if decode_on_device(device, encoding):
+        return "device-decode"
+    return "worker-augment" if device.type == "cpu" else "worker-decode"
+
+
+class StoreBatches(Dataset):
+    """Dataset whose item ``i`` is a whole batch: (images, labels, rows).
+
+    ``images`` are the decoded ``(B, S, S, 3)`` uint8 rows, or ``transform(those, rows)``
+    (e.g. the training augmentation, run in the worker), or with ``encoded`` the rows' JPEG
+    bytes as 1-D uint8 tensors, for a decoder on the training device.
+    """
+
+    def __init__(
+        self,
+        store_path: str | Path,
+        size: int,
+        batches: Sequence[np.ndarray],
+        transform: BatchTransform | None = None,
+        encoded: bool = False,
+    ):
         self.store_path = str(store_path)
         self.size = size
         self.batches = list(batches)
+        self.transform = transform
+        self.encoded = encoded
         self._store = None
+        self._buffer: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         from deepimage.data.store import Store
 
         if self._store is None:
             self._store = Store.open(self.store_path)
         rows = np.asarray(self.batches[i])
-        images = self._store.read(self.size, rows)  # in file order, CRC-checked, decoded
-        return (
-            torch.from_numpy(images),
-            torch.from_numpy(np.asarray(self._store.labels)[rows].astype(np.int64)),
-            torch.from_numpy(rows.astype(np.int64)),
-        )
+        labels = torch.from_numpy(np.asarray(self._store.labels)[rows].astype(np.int64))
+        if self.encoded:
+            blobs = self._store.read_encoded(self.size, rows)
+            images: Any = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        elif self.transform is None:
+            images = torch.from_numpy(self._store.read(self.size, rows))  # CRC-checked, decoded
+        else:  # decoded into a reused buffer: only the transform's result leaves the worker
+            shape = (len(rows), self.size, self.size, 3)
+            if self._buffer is None or self._buffer.shape != shape:
+                self._buffer = np.empty(shape, np.uint8)
+            pixels = self._store.read(self.size, rows, out=self._buffer)
+            images = self.transform(torch.from_numpy(pixels), rows)
+        return images, labels, torch.from_numpy(rows.astype(np.int64))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_store"] = None
+        state["_store"] = state["_buffer"] = None
         return state
 
 
@@ -120,15 +173,20 @@ def iterate_batches(
     batches: Sequence[np.ndarray],
     workers: int = 0,
     pin_memory: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    transform: BatchTransform | None = None,
+    encoded: bool = False,
+) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
     """Yield the given batches in order, read ahead by ``workers`` processes.
 
-    A :class:`~deepimage.data.index.DataError` in a worker (e.g. a corrupt shard) is raised
+    With ``transform`` the workers also apply it (decoding and augmentation off the training
+    process); with ``encoded`` they yield JPEG bytes (see :class:`StoreBatches`). Either way a
+    batch depends only on its rows, never on the number of workers. A
+    :class:`~deepimage.data.index.DataError` in a worker (e.g. a corrupt shard) is raised
     here with its own one-line message.
     """
     if not batches:
         return iter(())
-    dataset = StoreBatches(store_path, size, batches)
+    dataset = StoreBatches(store_path, size, batches, transform, encoded)
     workers = min(workers, len(batches))
     loader = DataLoader(
         dataset,
@@ -136,13 +194,34 @@ def iterate_batches(
         shuffle=False,
         num_workers=workers,
         pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=(2 if transform is not None else 4) if workers else None,
         # An explicit generator keeps the loader from drawing on the global RNG, which
         # would otherwise shift dropout masks between runs with different worker counts.
         generator=torch.Generator().manual_seed(0),
         persistent_workers=False,
+        worker_init_fn=_one_thread,
     )
     return _one_line_errors(iter(loader))
+
+
+def _one_thread(worker: int) -> None:
+    """Each worker runs OpenCV on one thread, as torch (the loader sets it): the workers
+    are the parallelism, and more threads than cores only contend."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def decode_batches(
+    batches: Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches of JPEG bytes (``iterate_batches(..., encoded=True)``) decoded on ``device``
+    as whole batches: ``(B, S, S, 3)`` uint8 there, then augmented there by the caller."""
+    from deepimage.data.decode import decode_jpegs_on_device
+
+    for blobs, labels, rows in batches:
+        yield decode_jpegs_on_device(blobs, device), labels, rows
 
 
 def _one_line_errors(it: Iterator) -> Iterator:
@@ -162,34 +241,105 @@ def _one_line_errors(it: Iterator) -> Iterator:
         raise
 
 
+def rank_rows(
+    rows: np.ndarray, batch_size: int, seed: int, epochs: Sequence[int], lo: int, hi: int
+) -> np.ndarray:
+    """The sorted rows a rank reads in ``epochs`` when it takes ``[lo:hi)`` of every global
+    batch of :func:`train_batches`: its share, which grows to all rows over a few epochs
+    (any rank may need any image), so the search stops once every row is in it."""
+    everything = np.unique(np.asarray(rows))
+    need = everything[:0]
+    for epoch in epochs:
+        batches = train_batches(rows, batch_size, seed, epoch)
+        if batches:
+            need = np.union1d(need, np.concatenate([b[lo:hi] for b in batches]))
+        if len(need) == len(everything):
+            break
+    return need
+
+
 class DeviceCache:
     """Training images held in device memory, batches gathered there (paper 3.1).
 
     "We also use device memory to cache the training data if there is free memory space on
-    the device after the model is loaded." Every rank holds all training rows: the global
-    order of images is the same for any number of processes, so any rank may need any image.
-    Batches come out exactly as from :func:`iterate_batches`, but already on the device.
+    the device after the model is loaded." The cache holds the rows as the store does: a
+    JPEG store's encoded bytes (about a tenth of the pixels), decoded per batch (on CUDA by
+    nvjpeg, as one batch; on CPU by the store's decoder), a raw store's pixels as they are.
+    It holds ``rows``: a rank passes its share (:func:`rank_rows`), which is all rows unless
+    the run is short, since the global order of images is the same for any number of
+    processes. Batches come out as from :func:`iterate_batches` (with the device's decoder),
+    but already on the device.
     """
+
+    CHUNK = 4096  # rows read from the store at a time while filling the cache
 
     def __init__(self, store_path: str | Path, size: int, rows: np.ndarray, device) -> None:
         from deepimage.data.store import Store
 
         store = Store.open(store_path)
+        self.device = torch.device(device)
+        self.size = size
         self.rows = np.unique(np.asarray(rows))
-        images = store.read(size, self.rows)
-        self.images = torch.from_numpy(images).to(device)
+        self.encoded = store.version >= 2 and store.encoding == "jpeg"
+        chunks = [self.rows[i : i + self.CHUNK] for i in range(0, len(self.rows), self.CHUNK)]
+        if self.encoded:
+            lengths = store.stored_lengths(size, self.rows)
+            self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+            self.data = torch.empty(int(self.offsets[-1]), dtype=torch.uint8, device=device)
+            done = 0
+            for chunk in chunks:
+                flat = np.frombuffer(b"".join(store.read_encoded(size, chunk)), np.uint8)
+                self.data[done : done + len(flat)] = torch.from_numpy(flat.copy())
+                done += len(flat)
+        else:
+            self.data = torch.empty((len(self.rows), size, size, 3), dtype=torch.uint8)
+            self.data = self.data.to(device)
+            done = 0
+            for chunk in chunks:
+                self.data[done : done + len(chunk)] = torch.from_numpy(store.read(size, chunk))
+                done += len(chunk)
         self.labels = torch.from_numpy(np.asarray(store.labels)[self.rows].astype(np.int64))
         self.labels = self.labels.to(device)
+        store.close()
 
     @staticmethod
-    def nbytes(n_rows: int, size: int) -> int:
-        """Device bytes needed for ``n_rows`` images of ``size x size x 3`` uint8."""
-        return n_rows * size * size * 3
+    def nbytes(store, size: int, rows: np.ndarray) -> int:
+        """Device bytes needed to hold ``rows`` of ``store`` at ``size`` (encoded, if JPEG)."""
+        return int(store.stored_lengths(size, np.unique(np.asarray(rows))).sum())
+
+    def _positions(self, batch: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self.rows, batch)
+        if len(batch) and (pos.max() >= len(self.rows) or (self.rows[pos] != batch).any()):
+            missing = batch[
+                (pos >= len(self.rows)) | (self.rows[np.minimum(pos, len(self.rows) - 1)] != batch)
+            ]
+            raise ValueError(f"row {int(missing[0])} is not held in the device cache")
+        return pos
+
+    def _decode(self, pos: np.ndarray) -> torch.Tensor:
+        from deepimage.data.decode import decode_jpeg, decode_jpegs_on_device
+
+        starts, ends = self.offsets[pos], self.offsets[pos + 1]
+        if self.device.type == "cuda":  # one copy of the batch's bytes to the host: nvjpeg
+            parts = [self.data[int(a) : int(b)] for a, b in zip(starts, ends)]
+            host = torch.cat(parts).cpu().pin_memory()
+            blobs = list(torch.split(host, (ends - starts).tolist()))
+            return decode_jpegs_on_device(blobs, self.device)
+        data = self.data.numpy()
+        out = np.empty((len(pos), self.size, self.size, 3), np.uint8)
+        for i, (a, b) in enumerate(zip(starts, ends)):
+            decode_jpeg(memoryview(data[int(a) : int(b)]), out[i])
+        return torch.from_numpy(out).to(self.device)
 
     def iterate(
         self, batches: Sequence[np.ndarray]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for batch in batches:
             batch = np.asarray(batch)
-            pos = torch.from_numpy(np.searchsorted(self.rows, batch)).to(self.images.device)
-            yield self.images[pos], self.labels[pos], torch.from_numpy(batch.astype(np.int64))
+            pos = self._positions(batch)
+            if self.encoded:
+                images = self._decode(pos)
+            else:
+                images = self.data[torch.from_numpy(pos).to(self.device)]
+            on_dev = torch.from_numpy(pos).to(self.device)
+            yield images, self.labels[on_dev], torch.from_numpy(batch.astype(np.int64))

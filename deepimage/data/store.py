@@ -361,6 +361,34 @@ class Store:
                     raise _corrupt(self.path, name, f"row {rows[i]}: {e}") from None
         return out
 
+    def read_encoded(self, size: int, rows: np.ndarray) -> list[bytes]:
+        """The stored JPEG bytes of ``rows`` (any order), each CRC-checked, not decoded: for a
+        decoder elsewhere (the GPU's, or the device cache). Rows are read in file order."""
+        self._check_size(size)
+        if self.encoding != "jpeg":
+            raise DataError(f"store {self.path} holds {self.encoding} rows, not JPEG bytes")
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise DataError(f"store {self.path} has {len(self)} rows; asked for {rows.max()}")
+        index, starts, shards = self._index[size], self._starts[size], self._shards[size]
+        which = np.searchsorted(starts, rows, side="right") - 1
+        out: list[bytes] = [b""] * len(rows)
+        for i in np.argsort(rows, kind="stable"):
+            offset, length, crc = (int(v) for v in index[rows[i]])
+            name = shards[which[i]]["file"]
+            data = os.pread(self._fd(name), length, offset)
+            if len(data) != length or zlib.crc32(data) != crc:
+                raise _corrupt(self.path, name, f"row {rows[i]} fails its CRC-32 check")
+            out[i] = data
+        return out
+
+    def stored_lengths(self, size: int, rows: np.ndarray) -> np.ndarray:
+        """Bytes each of ``rows`` takes as stored: its JPEG, or its raw pixels."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if self.version >= 2 and self.encoding == "jpeg":
+            return self._index[size][rows, 1].astype(np.int64)
+        return np.full(len(rows), size * size * 3, dtype=np.int64)
+
     def _fd(self, name: str) -> int:
         fd = self._fds.get(name)
         if fd is None:

@@ -34,8 +34,11 @@ from deepimage.config import ConfigError, TrainConfig, config_to_dict, save_conf
 from deepimage.data.cache import default_cache_dir, store_for
 from deepimage.data.loader import (
     DeviceCache,
+    decode_batches,
     eval_batches,
+    input_path,
     iterate_batches,
+    rank_rows,
     stratified_split,
     train_batches,
 )
@@ -310,20 +313,42 @@ class Trainer:
         budget = self.cfg.device_cache_mb * 2**20
         if budget <= 0:
             return None
-        need = DeviceCache.nbytes(len(np.unique(self.data.train_rows)), self.cfg.size)
+        cfg, store = self.cfg, self.data.train_store
+        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
+        rows = rank_rows(self.data.train_rows, cfg.batch_size, cfg.seed, range(cfg.epochs), lo, hi)
+        need = DeviceCache.nbytes(store, cfg.size, rows)
         if need > budget:
             logger.info(
                 "training images need %.0f MiB, over device_cache_mb %.0f: reading the store",
                 need / 2**20,
-                self.cfg.device_cache_mb,
+                cfg.device_cache_mb,
             )
             return None
         logger.info(
-            "holding the training images in %s memory (%.0f MiB)", self.device, need / 2**20
+            "holding %d training images (%s) in %s memory (%.0f MiB)",
+            len(rows),
+            store.encoding,
+            self.device,
+            need / 2**20,
         )
-        return DeviceCache(
-            self.data.train_store.path, self.cfg.size, self.data.train_rows, self.device
-        )
+        return DeviceCache(store.path, cfg.size, rows, self.device)
+
+    def _loader(self, todo: list[np.ndarray]):
+        """The epoch's batches (this rank's slices) and whether they come augmented."""
+        cfg, store = self.cfg, self.data.train_store
+        path = input_path(self.device, store.encoding, self.device_cache is not None)
+        if path == "cache":
+            return self.device_cache.iterate(todo), False
+        pin = self.device.type == "cuda"
+        if path == "device-decode":
+            blobs = iterate_batches(store.path, cfg.size, todo, cfg.workers, pin, encoded=True)
+            return decode_batches(blobs, self.device), False
+        if path == "worker-augment":
+            transform = self.augment.for_epoch(self.epoch)
+            return iterate_batches(
+                store.path, cfg.size, todo, cfg.workers, transform=transform
+            ), True
+        return iterate_batches(store.path, cfg.size, todo, cfg.workers, pin_memory=pin), False
 
     # --- state -------------------------------------------------------------------------
 
@@ -457,11 +482,13 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor):
+    def _train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, augmented: bool
+    ):
         cfg = self.cfg
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        x = self.augment(images, rows.numpy(), self.epoch)
+        x = images if augmented else self.augment(images, rows.numpy(), self.epoch)
         if not cfg.channels_last:
             x = x.contiguous()
         loss_total, logits = forward_backward(
@@ -564,16 +591,7 @@ class Trainer:
                     todo = todo[: cfg.max_steps - self.global_step]
                 lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
                 todo = [batch[lo:hi] for batch in todo]  # this rank's slice of each batch
-                if self.device_cache is not None:
-                    loader = self.device_cache.iterate(todo)
-                else:
-                    loader = iterate_batches(
-                        self.data.train_store.path,
-                        cfg.size,
-                        todo,
-                        cfg.workers,
-                        pin_memory=self.device.type == "cuda",
-                    )
+                loader, augmented = self._loader(todo)
                 bar = tqdm(
                     loader,
                     total=len(todo),
@@ -587,7 +605,7 @@ class Trainer:
                 for images, labels, rows in bar:
                     lr = self.schedule.lr_at(self.epoch, self.step_in_epoch)
                     set_lr(self.optimizer, lr, self.epoch)
-                    loss = self._train_step(images, labels, rows)
+                    loss = self._train_step(images, labels, rows, augmented)
                     self.step_in_epoch += 1
                     self.global_step += 1
                     elapsed = time.perf_counter() - start

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 from deepimage.config import resolve_config
 from deepimage.data.cache import store_for
+from deepimage.data.index import scan_folder
 from deepimage.data.loader import DeviceCache, iterate_batches, train_batches
+from deepimage.data.prepare import prepare_store
 from deepimage.train.loop import Trainer, train
 from tests.helpers import write_flat_folder
 
@@ -35,11 +37,15 @@ def test_batches_from_the_cache_equal_the_store_batches(tmp_path):
         assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(ra, rb)
 
 
-def test_training_with_the_cache_gives_identical_weights(tmp_path):
-    data = write_flat_folder(tmp_path / "d", {"a": 8, "b": 8, "c": 8})
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_training_with_the_cache_gives_identical_weights(tmp_path, encoding):
+    folder = write_flat_folder(tmp_path / "d", {"a": 8, "b": 8, "c": 8})
+    data = prepare_store(scan_folder(folder), tmp_path / "store", [40], workers=0,
+                         progress=False, encoding=encoding).path  # fmt: skip
     plain = train(config(data, tmp_path / "plain", tmp_path / "c"))
     cached_cfg = config(data, tmp_path / "cached", tmp_path / "c", device_cache_mb=1.0)
-    assert Trainer(cached_cfg).device_cache is not None
+    trainer = Trainer(cached_cfg)
+    assert trainer.device_cache is not None and trainer.device_cache.encoded == (encoding == "jpeg")
     cached = train(cached_cfg)
     assert plain["val_top1"] == cached["val_top1"]
     a = load_file(tmp_path / "plain" / "model.safetensors")
