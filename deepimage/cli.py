@@ -62,7 +62,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default=S)
     p.add_argument("--momentum", type=float, default=S)
     p.add_argument("--weight-decay", type=float, default=S)
-    p.add_argument("--schedule", choices=["plateau", "step", "exp", "constant"], default=S)
+    p.add_argument("--schedule", choices=["plateau", "step", "exp", "constant", "linear"],
+                   default=S)  # fmt: skip
     p.add_argument("--gamma", type=float, default=S)
     p.add_argument("--milestones", type=int, nargs="+", default=S)
     p.add_argument("--patience", type=int, default=S)
@@ -148,8 +149,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", *PRECISIONS], default=None,
                    help="default auto: the fastest correct precision for the device")  # fmt: skip
     p.add_argument(
-        "--tta", nargs="+", choices=["center", "dense", "flip"], default=["center"],
-        help="test-time views, combined: centre crop, dense (fully convolutional), flips",
+        "--tta", nargs="+", choices=["center", "dense", "flip", "shift"], default=None,
+        help="test-time views, combined: centre crop, dense (fully convolutional), flips, "
+        "shifted crops (default: the views the run recorded, else the centre crop)",
     )  # fmt: skip
     p.add_argument("--scales", type=int, nargs="+", default=None, help="multi-scale testing")
     p.add_argument("--corrupt", default=None,

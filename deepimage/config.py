@@ -64,6 +64,7 @@ class TrainConfig:
     model: str = "resnet18"
     width: float = 1.0  # channel multiplier for the deepimage VGG and AlexNet nets
     dropout: float | None = None  # None: the model's own default (0.5 in VGG and AlexNet)
+    data_init_images: int = 5000  # training images that set a whitening layer (airbench94)
     init_from: str | None = None  # fine-tuning: start from this run's weights (paper 5.3)
     trainable: str = "all"  # fine-tuning: all, head, or last:K weight layers
     # optimisation
@@ -126,6 +127,7 @@ class TrainConfig:
         _non_negative(self, "workers", "checkpoint_every", "warmup_epochs", "weight_decay")
         _non_negative(self, "momentum", "min_lr", "patience", "label_smoothing")
         _non_negative(self, "whiten_bias_epochs", "lookahead_every")
+        _positive(self, "data_init_images")
         if self.norm_bias_lr_scale <= 0:
             raise ConfigError(
                 f"config key 'norm_bias_lr_scale': must be > 0, got {self.norm_bias_lr_scale}"

@@ -84,7 +84,15 @@ def logits_for(
     return _forward(model, x, device, precision)
 
 
-TTA_MODES = ("center", "flip", "dense")
+TTA_MODES = ("center", "flip", "dense", "shift")
+
+
+def shifted_views(x: torch.Tensor, shift: int = 1) -> list[torch.Tensor]:
+    """``(B, 3, C, C)`` inputs moved by ``-shift`` and ``+shift`` pixels along both axes, the
+    uncovered border filled by reflection (airbench's translated test views)."""
+    c = x.shape[-1]
+    padded = torch.nn.functional.pad(x, (shift,) * 4, mode="reflect")
+    return [padded[:, :, :c, :c], padded[:, :, 2 * shift :, 2 * shift :]]
 
 
 @torch.inference_mode()
@@ -105,6 +113,8 @@ def posteriors_for(
     ``center``: the centre crop. ``dense``: the whole S x S image through the fully
     convolutional net (``dense``), its score map averaged (paper 5.1). ``flip``: each view
     and its mirror image, posteriors averaged. ``center`` and ``dense`` together average both.
+    ``shift`` (multi-crop, airbench): the centre crop counts one half, two crops moved by one
+    pixel diagonally either way (reflect-padded, :func:`shifted_views`) a quarter each.
     """
     unknown = set(tta) - set(TTA_MODES)
     if unknown:
@@ -118,13 +128,17 @@ def posteriors_for(
         views.append((model, to_model_input(center_crop(images, crop), mean, std, device,
                                             channels_last)))  # fmt: skip
     total = None
-    count = 0
+    count = 0.0
     for net, x in views:
-        inputs = [x, x.flip(3)] if "flip" in tta else [x]
-        for view in inputs:
-            probs = torch.softmax(_forward(net, view, device, precision), dim=1)
-            total = probs if total is None else total + probs
-            count += 1
+        crops = [(x, 1.0)]
+        if "shift" in tta and net is model:
+            crops = [(x, 2.0), *((v, 1.0) for v in shifted_views(x))]
+        for crop_view, weight in crops:
+            inputs = [crop_view, crop_view.flip(3)] if "flip" in tta else [crop_view]
+            for view in inputs:
+                probs = torch.softmax(_forward(net, view, device, precision), dim=1) * weight
+                total = probs if total is None else total + probs
+                count += weight
     return total / count
 
 

@@ -278,6 +278,46 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def time_to_accuracy(rows: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
+    """(cumulative training seconds, validation top-1) at each epoch's end that logged both."""
+    xs, ys = [], []
+    for row in rows:
+        t, acc = row.get("train_s"), row.get("val_top1")
+        if t is not None and acc is not None and not math.isnan(float(acc)):
+            xs.append(float(t))
+            ys.append(float(acc))
+    return xs, ys
+
+
+def plot_time_to_accuracy(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, target: float | None = None
+) -> Path:
+    """Validation top-1 against training wall time, one point per epoch (the paper's
+    Figure 2b for one machine); ``target`` (a fraction) draws a horizontal line.
+
+    ``rows`` are metrics.jsonl records with ``train_s`` (cumulative seconds of the training
+    epochs, validation passes not included) and ``val_top1``.
+    """
+    xs, ys = time_to_accuracy(rows)
+    if not xs:
+        raise ValueError("plot_time_to_accuracy needs rows with train_s and val_top1")
+    minutes = max(xs) >= 120
+    scale, unit = (60.0, "minutes") if minutes else (1.0, "seconds")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot([x / scale for x in xs], ys, "-o", color="tab:orange", ms=4, label="validation top-1")
+    if target is not None:
+        ax.axhline(target, color="grey", ls=":", label=f"target {100 * target:.1f}%")
+    ax.set_xlabel(f"training wall time ({unit})")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title("Time to accuracy")
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 CSV_COLUMNS = ("class_index", "class_id", "name", "n", "top1", "top5")
 
 

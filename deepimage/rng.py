@@ -12,6 +12,7 @@ consumer               stream                            key -> generator
 validation split       :attr:`Stream.VAL_SPLIT`          (seed, row) -> :func:`keyed_uniform`
 epoch order            :attr:`Stream.EPOCH_ORDER`        (seed, epoch) -> :func:`permutation`
 augmentation           :attr:`Stream.AUGMENT`            (seed, epoch, row) -> :func:`keyed_uniform`
+data-dependent init    :attr:`Stream.DATA_INIT`          (seed, 0) -> :func:`permutation`
 dropout masks          :attr:`Stream.DROPOUT_FC1`, ...   (seed, step, row, unit) ->
                                                          :func:`dropout_keys`, :func:`unit_uniform`
 weight initialisation  torch's global generator          :func:`seed_global` (seed)
@@ -46,6 +47,7 @@ class Stream(IntEnum):
     DROPOUT_FC2 = 2  # dropout after the second FC layer
     VAL_SPLIT = 7  # which rows a stratified split holds out for validation
     AUGMENT = 21  # every augmentation parameter of an image in an epoch
+    DATA_INIT = 31  # which training images set a data-initialised layer (patch whitening)
     EPOCH_ORDER = 0x5EED  # the permutation of the training rows in an epoch
 
 

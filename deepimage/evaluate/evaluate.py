@@ -91,7 +91,7 @@ class Evaluation:
         precision: str | None = None,
         cache_dir: str | None = None,
         progress: bool = True,
-        tta: Sequence[str] = ("center",),
+        tta: Sequence[str] | None = None,
         scales: Sequence[int] | None = None,
     ) -> None:
         self.device = resolve_device(device)
@@ -115,7 +115,11 @@ class Evaluation:
             inference_execution(model, meta, self.device, precision, cache_dir)
             for model, meta in self.members
         ]
-        self.tta = tuple(tta)
+        self.tta = tuple(tta) if tta else None  # None: each member's recorded views
+
+    def member_tta(self, index: int) -> tuple[str, ...]:
+        """The test-time views of a member: as asked, else as its run recorded (centre)."""
+        return self.tta or tuple(self.members[index][1].get("tta") or ("center",))
 
     def member_posteriors(self, index: int, transform: ImageTransform | None = None) -> np.ndarray:
         """``(N, classes)`` softmax posteriors of one member, averaged over its scales."""
@@ -138,7 +142,7 @@ class Evaluation:
                 desc=f"member {index + 1} at {scale}"
                 if self.is_ensemble
                 else f"evaluate at {scale}",
-                tta=self.tta,
+                tta=self.member_tta(index),
             )
             posteriors.append(probs)
         return posteriors[0] if len(posteriors) == 1 else np.mean(posteriors, axis=0)
@@ -166,7 +170,7 @@ def evaluate(
     precision: str | None = None,
     cache_dir: str | None = None,
     progress: bool = True,
-    tta: Sequence[str] = ("center",),
+    tta: Sequence[str] | None = None,
     scales: Sequence[int] | None = None,
     corruptions: Sequence[str] | None = None,
     severities: Sequence[int] = SEVERITIES,
@@ -174,8 +178,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate the model at ``source`` (run folder or weights) on ``data``; write the report.
 
-    ``tta`` combines ``center``, ``dense`` and ``flip`` views; several ``scales`` (source
-    resolutions) average their posteriors (multi-scale testing, paper 5.1).
+    ``tta`` combines ``center``, ``dense``, ``flip`` and ``shift`` views; ``None`` applies
+    the views the run recorded (its config's ``tta``; centre crop for older runs). Several
+    ``scales`` (source resolutions) average their posteriors (multi-scale testing, paper 5.1).
 
     ``source`` may also be an ensemble manifest (or its folder) or several runs: each
     member is evaluated at its own source size (or at ``scales``) and the ensemble averages
@@ -196,7 +201,7 @@ def evaluate(
         "mean_class_acc": results["mean_class_acc"],
         "n_images": results["n_images"],
         "model": "ensemble" if ev.is_ensemble else ev.meta["model"],
-        "tta": list(tta),
+        "tta": list(ev.member_tta(0)),
         "scales": ev.member_scales[0] if ev.scales or not ev.is_ensemble else None,
         "data": str(data),
         "skipped": list(ev.store.skipped),

@@ -43,10 +43,12 @@ from deepimage.data.loader import (
     train_batches,
 )
 from deepimage.data.store import Store
+from deepimage.data.transforms import center_crop, to_model_input
 from deepimage.files import atomic_write_json, atomic_write_text
 from deepimage.inference import evaluate_batches, resolve_device
 from deepimage.metrics import ClassificationMeter
 from deepimage.models import get_model
+from deepimage.models.common import init_from_data, needs_data_init
 from deepimage.models.transfer import (
     FinetuneReport,
     SourceWeights,
@@ -55,13 +57,14 @@ from deepimage.models.transfer import (
     prepare_model,
 )
 from deepimage.parallel import dist as pdist
+from deepimage.parallel.base import broadcast_model
 from deepimage.parallel.build import build_sync, strategy_class
 from deepimage.parallel.optim import set_lr
 from deepimage.parallel.stop_vote import StopVote
 from deepimage.parallel.sync_bn import convert_sync_batchnorm
 from deepimage.precision import ExecutionChoice, needs_grad_scaler
 from deepimage.precision import resolve as resolve_execution
-from deepimage.rng import seed_global
+from deepimage.rng import Stream, permutation, seed_global
 from deepimage.runs import (
     CHECKPOINT,
     FINETUNE_REPORT,
@@ -72,6 +75,7 @@ from deepimage.runs import (
     save_state,
     save_weights,
 )
+from deepimage.train.lookahead import Lookahead
 from deepimage.train.schedule import LRSchedule
 from deepimage.train.step import forward_backward
 
@@ -145,6 +149,7 @@ def model_meta(
         "mean": list(model.mean),
         "std": list(model.std),
         "precision": cfg.precision,
+        "tta": list(cfg.tta),  # what `deepimage evaluate` applies unless told otherwise
     }
 
 
@@ -279,6 +284,11 @@ class Trainer:
                 f"{len(self.data.train_rows)} training images"
             )
         self.schedule = LRSchedule(cfg, self.steps_per_epoch)
+        self.lookahead = None  # slow weights (airbench), checkpointed
+        if cfg.lookahead_every:
+            self.lookahead = Lookahead(
+                self.model, cfg.lookahead_every, cfg.lookahead_decay, self.schedule.total_steps
+            )
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -380,6 +390,7 @@ class Trainer:
             "rng": rng,
             "config": json.dumps(config_to_dict(self.cfg)),
             **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+            **({"lookahead": self.lookahead.state_dict()} if self.lookahead is not None else {}),
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -399,6 +410,10 @@ class Trainer:
                     f"{self.run / CHECKPOINT}: no gradient-scaler state for fp16 training"
                 )
             self.scaler.load_state_dict(state["grad_scaler"])
+        if self.lookahead is not None:
+            if "lookahead" not in state:
+                raise CheckpointError(f"{self.run / CHECKPOINT}: no lookahead state")
+            self.lookahead.load_state_dict(state["lookahead"])
         torch.set_rng_state(state["rng"]["cpu"])
         restore_cuda_rng(state["rng"].get("cuda"), self.device)
 
@@ -445,6 +460,8 @@ class Trainer:
             )
         elif resume:
             logger.info("nothing to resume in %s: starting afresh", self.run)
+        if state is None and needs_data_init(self.model) and self.cfg.init_from is None:
+            self._init_from_data()
         if self.rank != 0:
             return
         pdist.mark_run_opened()  # a restart of this torchrun job resumes this run
@@ -459,6 +476,27 @@ class Trainer:
                 )
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 logger.warning("tensorboard is not installed: no TensorBoard logs")
+
+    def _init_from_data(self) -> None:
+        """Set the model's data-dependent first layer (patch whitening) from
+        ``data_init_images`` training images, centre-cropped and normalised, chosen by
+        (seed, :attr:`Stream.DATA_INIT`) alone; rank 0's result goes to every rank. Only a
+        fresh run does this: a resumed one takes the weights from its checkpoint."""
+        cfg, rows = self.cfg, self.data.train_rows
+        n = min(cfg.data_init_images, len(rows))
+        chosen = np.sort(rows[permutation(cfg.seed, 0, len(rows), Stream.DATA_INIT)[:n]])
+        batches = iterate_batches(
+            self.data.train_store.path, cfg.size, np.array_split(chosen, -(-n // 500)), 0
+        )
+        mean, std = self.meta["mean"], self.meta["std"]
+        cpu = torch.device("cpu")
+        inputs = (to_model_input(center_crop(images, cfg.crop), mean, std, cpu, False)
+                  for images, _labels, _rows in batches)  # fmt: skip
+        init_from_data(self.model, inputs)
+        broadcast_model(self.model)
+        if self.lookahead is not None:
+            self.lookahead.reset()
+        logger.info("initialised the whitening layer from %d training images", n)
 
     def _read_history(self, keep_before: int) -> list[dict[str, Any]]:
         path = self.run / "metrics.jsonl"
@@ -508,6 +546,8 @@ class Trainer:
         else:
             self.sync.step()
         self.sync.zero_grad()
+        if self.lookahead is not None:
+            self.lookahead.after_step(self.global_step + 1)
         self.meter.update(logits.cpu(), labels.cpu())
         self.loss_sum += loss_total
         self.epoch_images += len(x)
@@ -553,6 +593,8 @@ class Trainer:
             "val_top1": val["top1"] if val else None,
             "val_top5": val["top5"] if val else None,
             "images_per_s": self.epoch_images / seconds if seconds > 0 else None,
+            "epoch_s": seconds,  # wall time of the epoch's steps, validation not included
+            "train_s": seconds + (self.history[-1].get("train_s") or 0.0 if self.history else 0.0),
         }
         if partial:
             row["partial"] = True
@@ -651,14 +693,16 @@ class Trainer:
         return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
 
     def _draw_curves(self) -> None:
-        from deepimage.report import plot_curves
+        from deepimage.report import plot_curves, plot_time_to_accuracy, time_to_accuracy
 
         if self.rank != 0:
             return
         try:
             plot_curves(self.history, self.run / "curves.png")
+            if time_to_accuracy(self.history)[0]:
+                plot_time_to_accuracy(self.history, self.run / "time_to_accuracy.png")
         except Exception as err:  # a plot must never end a training run
-            logger.warning("could not draw curves.png: %s", err)
+            logger.warning("could not draw the curves: %s", err)
 
     def _finish(self) -> dict[str, Any]:
         self.sync.flush()

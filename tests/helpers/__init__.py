@@ -137,6 +137,10 @@ def train_cmd(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+TIMINGS = ("images_per_s", "epoch_s", "train_s")
+"""metrics.jsonl keys that measure wall time: they differ between otherwise equal runs."""
+
+
 def env() -> dict[str, str]:
     """The environment for child training processes: one intra-op thread each, so every
     process of a comparison computes with the same thread count."""

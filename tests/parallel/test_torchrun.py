@@ -22,7 +22,14 @@ import torch
 from safetensors.torch import load_file
 
 from deepimage.runs import load_state
-from tests.helpers import env, max_relative_error, train_cmd, wait_until, write_noise_folder
+from tests.helpers import (
+    TIMINGS,
+    env,
+    max_relative_error,
+    train_cmd,
+    wait_until,
+    write_noise_folder,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +142,7 @@ def test_sigkill_one_worker_restarts_and_ends_identical(runs):
     for key in wb:
         assert torch.equal(wa[key], wb[key]), f"{key} differs after the restart"
     rows = [
-        [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+        [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
          for line in (run / "metrics.jsonl").read_text().splitlines()]
         for run in (out, root / "two")
     ]  # fmt: skip

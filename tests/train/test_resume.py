@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from deepimage.runs import load_state
-from tests.helpers import env, train_cmd, wait_until, write_noise_folder
+from tests.helpers import TIMINGS, env, train_cmd, wait_until, write_noise_folder
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     for key in wa:
         assert torch.equal(wa[key], wb[key]), f"{key} differs after resume"
     rows = [
-        [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+        [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in lines]
         for lines in ((a / "metrics.jsonl").read_text().splitlines(),
                       (b / "metrics.jsonl").read_text().splitlines())
     ]  # fmt: skip
