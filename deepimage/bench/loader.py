@@ -125,12 +125,6 @@ class OriginalPhotos(Dataset):
         return self.transform(image=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))["image"]
 
 
-def _one_thread(worker: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 # --------------------------------------------------------------------------- timing
 
 
@@ -192,7 +186,7 @@ def run(
 
         def albumentations_path(batches: list[np.ndarray], rep: int) -> Iterable[Any]:
             return DataLoader(photos, batch_size=batch_size, sampler=np.concatenate(batches),
-                              num_workers=workers, worker_init_fn=_one_thread,
+                              num_workers=workers,
                               prefetch_factor=2 if workers else None)  # fmt: skip
 
         paths["albumentations"] = albumentations_path

@@ -199,17 +199,8 @@ def iterate_batches(
         # would otherwise shift dropout masks between runs with different worker counts.
         generator=torch.Generator().manual_seed(0),
         persistent_workers=False,
-        worker_init_fn=_one_thread,
     )
     return _one_line_errors(iter(loader))
-
-
-def _one_thread(worker: int) -> None:
-    """Each worker runs OpenCV on one thread, as torch (the loader sets it): the workers
-    are the parallelism, and more threads than cores only contend."""
-    import cv2
-
-    cv2.setNumThreads(1)
 
 
 def decode_batches(
