@@ -20,7 +20,12 @@ Buckets are launched in one fixed order on every rank (last bucket first, the or
 reaches them) so that the collectives pair up; a bucket completed out of turn waits for
 the ones before it. :meth:`Butterfly.step` launches what backward did not (parameters
 without a gradient), then updates each bucket as its reduction lands, while later buckets
-are still being reduced, and all-gathers the updated parts.
+are still being reduced, and starts the all-gather of the updated parts.
+
+Step 3 overlaps the next forward pass: nothing waits for the all-gathers in ``step()``; a
+forward pre-hook on each layer waits for its bucket's gather and copies the updated weights
+in just before the layer runs, so the last layers' gathers hide behind the first layers'
+forward. :meth:`Butterfly.flush` completes them all (before evaluation and checkpoints).
 """
 
 from __future__ import annotations
@@ -107,6 +112,23 @@ class Butterfly(SyncStrategy):
             p.register_post_accumulate_grad_hook(lambda _p, i=i: self._on_grad(i))
             for i, p in enumerate(self.params)
         ]
+        self._gathers: list[tuple[torch.Tensor, torch.Tensor, Any] | None] = [None] * len(
+            self.buckets
+        )  # (gathered flat, sent part, work) while an all-gather is in flight
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for module in model.modules():
+            own = {
+                self._bucket_of[index[id(p)]]
+                for p in module.parameters(recurse=False)
+                if id(p) in index
+            }
+            if own:
+                buckets = sorted(own)
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        lambda _m, _args, buckets=buckets: self._settle(buckets)
+                    )
+                )
 
     @property
     def ownership(self) -> list[dict[str, Any]]:
@@ -195,9 +217,9 @@ class Butterfly(SyncStrategy):
             inflight, self._inflight = self._inflight, [None] * len(self.buckets)
             self._ready = [0] * len(self.buckets)
             self._next = len(self.buckets) - 1
-            gathers = []
             for b in reversed(self.buckets):  # in launch order, updating as they land
                 _, out, work = inflight[b.index]
+                self._settle([b.index])  # a layer that skipped its forward: last update first
                 pdist.wait(work, "reduce_scatter")
                 if n > 1:
                     out.div_(n)
@@ -205,18 +227,42 @@ class Butterfly(SyncStrategy):
                 flat = self._flat(b, grads=False)
                 mine = flat[start:stop]
                 self.momentum[b.index] = sgd_update_(mine, out, self.momentum[b.index], **hyper)
+                part = mine.clone()
+                work = None
                 if n > 1:
                     self.stats.record("all_gather", ring_bytes("ag", flat.numel() * 4, n))
                     with pdist.guard("all_gather"):
-                        work = all_gather_into(flat, mine.clone(), async_op=True)
-                else:
-                    work = None
-                gathers.append((b, flat, work))
-            for b, flat, work in gathers:
-                pdist.wait(work, "all_gather")
-                for i, off in zip(b.params, b.offsets):
-                    p = self.params[i]
-                    p.copy_(flat[off : off + p.numel()].view(p.shape))
+                        work = all_gather_into(flat, part, async_op=True)
+                self._gathers[b.index] = (flat, part, work)  # awaited by the next forward
+
+    @torch.no_grad()
+    def _settle(self, buckets: list[int]) -> None:
+        """Wait for these buckets' all-gathers and copy the updated weights in."""
+        for index in buckets:
+            pending = self._gathers[index]
+            if pending is None:
+                continue
+            self._gathers[index] = None
+            start = time.perf_counter()
+            flat, _, work = pending
+            pdist.wait(work, "all_gather")
+            b = self.buckets[index]
+            for i, off in zip(b.params, b.offsets):
+                p = self.params[i]
+                p.copy_(flat[off : off + p.numel()].view(p.shape))
+            self.stats.blocking_s += time.perf_counter() - start
+
+    @property
+    def gathers_in_flight(self) -> int:
+        """Buckets whose updated weights have not yet been copied in."""
+        return sum(g is not None for g in self._gathers)
+
+    def flush(self) -> None:
+        self._settle(list(range(len(self.buckets))))
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.flush()  # a gather still in flight must not overwrite the loaded weights
+        super().load_model_state_dict(state)
 
     def close(self) -> None:
         for handle in self._handles:

@@ -665,6 +665,7 @@ class Trainer:
                     self.save_checkpoint()
                     stopped = True
                     break
+                self.sync.flush()  # the epoch's time includes its last deferred exchanges
                 seconds = time.perf_counter() - start
                 finished_epoch = self.step_in_epoch >= self.steps_per_epoch
                 if not finished_epoch:  # max_steps reached inside the epoch

@@ -124,19 +124,22 @@ def test_butterfly_reduce_scatters_start_during_backward(spawned):
             assert all(buckets - 1 <= n <= buckets for n in launched), (case, launched)
 
 
-def test_lazy_deferred_updates_equal_one_process_sgd(tmp_path):
-    """Lazy update without a flush between steps, as the training loop runs it: two gloo
-    processes for DEFERRED_STEPS steps with a learning rate that changes every step, then
-    one flush, end with the weights of torch.optim.SGD on the whole batch in one process
-    (within RTOL). Every layer's update was still in flight between steps, so each one was
-    applied by the next step's forward pass, with the learning rate of its own step."""
+@pytest.mark.parametrize("sync", ["lazy", "butterfly"])
+def test_deferred_updates_equal_one_process_sgd(tmp_path, sync):
+    """Lazy update and butterfly without a flush between steps, as the training loop runs
+    them: two gloo processes for DEFERRED_STEPS steps with a learning rate that changes every
+    step, then one flush, end with the weights of torch.optim.SGD on the whole batch in one
+    process (within RTOL). Between steps every layer's update (lazy) or every bucket's
+    all-gather (butterfly) was still in flight, so the next forward pass applied it, with
+    the learning rate of its own step."""
     world = 2
-    mp.spawn(workers.run_lazy_deferred, args=(world, free_port(), str(tmp_path)), nprocs=world)
+    mp.spawn(workers.run_deferred, args=(world, free_port(), str(tmp_path), sync), nprocs=world)
     for rank in range(world):
-        report = json.loads((tmp_path / f"deferred-{rank}.json").read_text())
-        assert report["pending_between_steps"] == [report["n_layers"]] * workers.DEFERRED_STEPS
+        report = json.loads((tmp_path / f"deferred-{sync}-{rank}.json").read_text())
+        assert report["units"] > 1
+        assert report["in_flight_between_steps"] == [report["units"]] * workers.DEFERRED_STEPS
     reference = workers.reference_weights(workers.DEFERRED_STEPS, schedule=True)
-    weights = load_file(tmp_path / "lazy-deferred.safetensors")
+    weights = load_file(tmp_path / f"{sync}-deferred.safetensors")
     for key, ref in reference.items():
         err = relative_error(weights[key], ref)
-        assert err <= RTOL, f"lazy deferred: {key} off by {err:.2e} (relative)"
+        assert err <= RTOL, f"{sync} deferred: {key} off by {err:.2e} (relative)"

@@ -232,10 +232,10 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
 DEFERRED_STEPS = 5
 
 
-def run_lazy_deferred(rank: int, world: int, port: int, out: str) -> None:
-    """Lazy update as the training loop drives it: no flush between steps (each layer's
-    update lands in the next forward pass), the learning rate changing every step, one
-    flush at the end."""
+def run_deferred(rank: int, world: int, port: int, out: str, sync: str) -> None:
+    """A strategy as the training loop drives it: no flush between steps (lazy's updates and
+    butterfly's all-gathers land in the next forward pass), the learning rate changing every
+    step, one flush at the end."""
     from deepimage.parallel.base import broadcast_model
     from deepimage.parallel.registry import build_strategy
     from deepimage.train.step import forward_backward
@@ -244,10 +244,10 @@ def run_lazy_deferred(rank: int, world: int, port: int, out: str) -> None:
     model = build_model()
     broadcast_model(model)
     opt = torch.optim.SGD(model.parameters(), **HYPER)
-    strategy = build_strategy("lazy", model, opt)
+    strategy = build_strategy(sync, model, opt, bucket_mb=0.05)
     local = GLOBAL_BATCH // world
     lo, hi = rank * local, (rank + 1) * local
-    pending = []
+    in_flight = []
     for step in range(DEFERRED_STEPS):
         opt.param_groups[0]["lr"] = lr_at(step)
         x, y, rows = batch(step)
@@ -257,13 +257,17 @@ def run_lazy_deferred(rank: int, world: int, port: int, out: str) -> None:
         )  # fmt: skip
         strategy.step()
         strategy.zero_grad()
-        pending.append(sum(layer.pending is not None for layer in strategy.layers))
+        if sync == "lazy":
+            in_flight.append(sum(layer.pending is not None for layer in strategy.layers))
+        else:
+            in_flight.append(strategy.gathers_in_flight)
     strategy.flush()
-    report = {"pending_between_steps": pending, "n_layers": len(strategy.layers)}
-    (Path(out) / f"deferred-{rank}.json").write_text(json.dumps(report))
+    units = len(strategy.layers) if sync == "lazy" else len(strategy.buckets)
+    report = {"in_flight_between_steps": in_flight, "units": units}
+    (Path(out) / f"deferred-{sync}-{rank}.json").write_text(json.dumps(report))
     if rank == 0:
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(Path(out) / "lazy-deferred.safetensors"))
+        save_file(weights, str(Path(out) / f"{sync}-deferred.safetensors"))
     strategy.close()
     dist.destroy_process_group()
 

@@ -1,0 +1,81 @@
+"""End-to-end data-parallel training images/s per gradient sync, through ``deepimage train``.
+
+For every round, and every ``--sync`` in an order that alternates between rounds, runs::
+
+    torchrun --standalone --nproc_per_node N -m deepimage train --data DATA \\
+        --model vgg16_deepimage --size 36 --crop 32 --batch-size 32 --precision fp32 \\
+        --sync SYNC --epochs 2 --workers 0 --no-progress ...
+
+and reads the second epoch's images/s from ``RUN/metrics.jsonl``: the global batch's
+images over the epoch's wall time, every step whole (forward, backward, exchange, update,
+the epoch's last deferred exchange included), after start-up, data preparation and the first
+epoch's warm-up (the marginal rate of a long run). Prints the median and range per sync and
+each one's ratio to ddp.
+
+    OMP_NUM_THREADS=1 python benchmarks/train_sync.py \\
+        --data ../shared/datasets/flowers12/train --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from deepimage.bench.report import header, spread
+
+
+def run_once(args: argparse.Namespace, sync: str, out: Path, cache: Path) -> float:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(args.procs), "-m", "deepimage", "-q", "train",
+        "--data", args.data, "--model", args.model, "--size", str(args.size),
+        "--crop", str(args.crop), "--batch-size", str(args.batch), "--precision", "fp32",
+        "--sync", sync, "--epochs", str(args.epochs), "--workers", "0", "--no-progress",
+        "--no-tensorboard", "--cache-dir", str(cache), "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return float(rows[-1]["images_per_s"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--sync", nargs="+", default=["ddp", "butterfly", "lazy"])
+    p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2, help="the last epoch is measured")
+    p.add_argument("--model", default="vgg16_deepimage")
+    p.add_argument("--size", type=int, default=36)
+    p.add_argument("--crop", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32, help="global batch")
+    args = p.parse_args()
+    header(
+        f"train_sync: {args.model} crop {args.crop}, global batch {args.batch}, fp32, "
+        f"{args.procs} processes on gloo, images/s of epoch {args.epochs}"
+    )
+    results: dict[str, list[float]] = {s: [] for s in args.sync}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cache = root / "cache"
+        for r in range(args.rounds):
+            order = args.sync if r % 2 == 0 else list(reversed(args.sync))
+            for sync in order:
+                rate = run_once(args, sync, root / f"{sync}-{r}", cache)
+                results[sync].append(rate)
+                print(f"round {r + 1} {sync:>9}: {rate:.1f} images/s", flush=True)
+    base = statistics.median(results["ddp"]) if "ddp" in results else None
+    for sync, rates in results.items():
+        ratio = f"  {statistics.median(rates) / base:.2f}x ddp" if base else ""
+        print(f"{sync:>9}: {spread(rates)} images/s{ratio}")
+
+
+if __name__ == "__main__":
+    main()
