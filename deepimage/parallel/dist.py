@@ -309,3 +309,42 @@ def comm_device() -> torch.device:
     if is_distributed() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_gather_object(obj: Any, op: str = "all_gather(object)") -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in one process)."""
+    if world_size() <= 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    with guard(op):
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def host() -> str:
+    """This process's host name, for messages that name a node."""
+    import socket
+
+    return socket.gethostname()
+
+
+def failures_everywhere(failure: str | None, op: str) -> list[str]:
+    """Every rank's failure (``"rank R on HOST: message"``), the same list on every rank.
+
+    A rank that fails before a collective would leave the others waiting in it until the
+    timeout; passing the failure through one all-gather lets every rank stop at once with the
+    same message.
+    """
+    tagged = None if failure is None else f"rank {rank()} on {host()}: {failure}"
+    return [f for f in all_gather_object(tagged, op=op) if f is not None]
+
+
+def ranks_differing_from_root(
+    value: Any, op: str, detail: Any = None
+) -> dict[int, tuple[str, Any, Any]]:
+    """{rank: (host, value, detail)} of the ranks whose ``value`` differs from rank 0's, with
+    rank 0's own entry under key 0 when any differ; empty when all agree. The same on every
+    rank (``detail``, e.g. a path, only travels along for the message)."""
+    gathered = all_gather_object((host(), value, detail), op=op)
+    differ = {r: g for r, g in enumerate(gathered) if g[1] != gathered[0][1]}
+    return {0: gathered[0], **differ} if differ else {}

@@ -75,6 +75,7 @@ from deepimage.runs import (
     save_state,
     save_weights,
 )
+from deepimage.train.agree import check_same_state, open_data_everywhere
 from deepimage.train.lookahead import Lookahead
 from deepimage.train.schedule import LRSchedule
 from deepimage.train.step import forward_backward
@@ -227,12 +228,7 @@ class Trainer:
             )
         self.local_batch = cfg.batch_size // self.world
         seed_global(cfg.seed)  # weight init; every other draw is keyed (deepimage.rng)
-        if self.rank == 0:  # one process prepares the stores, the others then open them
-            self.data = prepare_data(cfg)
-            pdist.barrier("barrier(prepare data)")
-        else:
-            pdist.barrier("barrier(prepare data)")
-            self.data = prepare_data(cfg)
+        self.data = open_data_everywhere(lambda: prepare_data(cfg), cfg.data)
         self.classes = self.data.classes
         self.num_classes = len(self.classes)
         self.model = get_model(
@@ -439,7 +435,10 @@ class Trainer:
     # --- run folder ----------------------------------------------------------------------
 
     def _open_run(self, resume: bool) -> None:
-        exists = (self.run / CHECKPOINT).exists() or (self.run / WEIGHTS).exists()
+        exists = None
+        if self.rank == 0:  # rank 0's folder decides, so that every rank fails alike
+            exists = (self.run / CHECKPOINT).exists() or (self.run / WEIGHTS).exists()
+        exists = pdist.broadcast_object(exists, op="broadcast(run exists)")
         if exists and not resume:
             raise RunExistsError(
                 f"{self.run} already holds a run: pass --resume to continue it, "
@@ -449,6 +448,7 @@ class Trainer:
             self.run.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run / "config.yaml", comment=self.execution.describe())
         state = load_latest_state(self.run) if resume else None
+        check_same_state(state, self.run)
         if state is not None:
             self.load(state)
             logger.info(
