@@ -58,15 +58,16 @@ from deepimage.parallel.sync_bn import convert_sync_batchnorm
 from deepimage.precision import ExecutionChoice, needs_grad_scaler
 from deepimage.precision import resolve as resolve_execution
 from deepimage.rng import seed_global
+from deepimage.runmeta import Preprocess, RunMeta
 from deepimage.runs import (
     CHECKPOINT,
     FINETUNE_REPORT,
     WEIGHTS,
     CheckpointError,
+    Run,
     load_latest_state,
     read_weights,
     save_state,
-    save_weights,
 )
 from deepimage.train.schedule import LRSchedule
 from deepimage.train.step import forward_backward
@@ -126,22 +127,25 @@ def prepare_data(cfg: TrainConfig) -> TrainData:
     return TrainData(train_store, train_rows, train_store, val_rows)
 
 
-def model_meta(
+def run_meta(
     cfg: TrainConfig, model: torch.nn.Module, classes: list[str], class_names: dict[str, str]
-) -> dict[str, Any]:
+) -> RunMeta:
     """What predict, evaluate and serve need to rebuild the model and its preprocessing."""
-    return {
-        "model": cfg.model,
-        "model_kwargs": {"width": cfg.width, "dropout": cfg.dropout},
-        "classes": classes,
-        "class_names": class_names,
-        "size": cfg.size,
-        "crop": cfg.crop,
-        "resize_mode": cfg.resize_mode,
-        "mean": list(model.mean),
-        "std": list(model.std),
-        "precision": cfg.precision,
-    }
+    return RunMeta(
+        model=cfg.model,
+        classes=tuple(classes),
+        preprocess=Preprocess(
+            size=cfg.size,
+            crop=cfg.crop,
+            mean=tuple(float(m) for m in model.mean),
+            std=tuple(float(s) for s in model.std),
+            resize_mode=cfg.resize_mode,
+            precision=cfg.precision,
+            channels_last=bool(cfg.channels_last),
+        ),
+        model_kwargs={"width": cfg.width, "dropout": cfg.dropout},
+        class_names=class_names,
+    )
 
 
 def start_model(model: torch.nn.Module, cfg: TrainConfig, classes: list[str]) -> FinetuneReport:
@@ -149,7 +153,7 @@ def start_model(model: torch.nn.Module, cfg: TrainConfig, classes: list[str]) ->
     source = None
     if cfg.init_from is not None:
         tensors, meta = read_weights(cfg.init_from)
-        source = SourceWeights(cfg.init_from, tensors, list(meta["classes"]), meta["model"])
+        source = SourceWeights(cfg.init_from, tensors, list(meta.classes), meta.model)
     try:
         return prepare_model(model, classes, cfg.trainable, source)
     except TrainableError as err:
@@ -222,9 +226,8 @@ class Trainer:
         cfg = self.cfg = dataclasses.replace(
             cfg, precision=self.execution.precision, channels_last=self.execution.channels_last
         )
-        self.meta = model_meta(
-            cfg, self.model, self.classes, dict(self.data.train_store.class_names)
-        )
+        self.meta = run_meta(cfg, self.model, self.classes, dict(self.data.train_store.class_names))
+        self.preprocess = self.meta.preprocess  # validation sees what inference will
         if cfg.sync_bn and self.world > 1:
             if self.device.type == "cuda":  # NCCL: torch's fused kernels
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -244,8 +247,8 @@ class Trainer:
             size=cfg.size,
             crop=cfg.crop,
             seed=cfg.seed,
-            mean=self.meta["mean"],
-            std=self.meta["std"],
+            mean=self.preprocess.mean,
+            std=self.preprocess.std,
             stats=self.data.train_store.stats,
             device=self.device,
         )
@@ -479,12 +482,8 @@ class Trainer:
             self.model,
             iterate_batches(self.data.val_store.path, self.cfg.size, batches, self.cfg.workers),
             self.num_classes,
-            self.cfg.crop,
-            self.meta["mean"],
-            self.meta["std"],
+            self.preprocess,
             self.device,
-            self.cfg.precision,
-            self.cfg.channels_last,
             total=len(batches),
             progress=self.cfg.progress and self.rank == 0,
             desc="validate",
@@ -621,12 +620,12 @@ class Trainer:
         self.sync.flush()
         weights = self.sync.model_state_dict()  # full, unsharded (collective)
         if self.rank == 0:
-            save_weights(self.run / WEIGHTS, weights, self.meta)
+            Run(self.run).save_weights(weights, self.meta)
         last = self.history[-1] if self.history else {}
         summary = {
             "model": self.cfg.model,
             "classes": self.classes,
-            "class_names": self.meta["class_names"],
+            "class_names": dict(self.meta.class_names),
             "n_train_images": int(len(self.data.train_rows)),
             "n_val_images": int(len(self.data.val_rows)),
             "skipped": self.data.skipped,

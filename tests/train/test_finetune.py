@@ -15,10 +15,10 @@ from deepimage.cli import main
 from deepimage.config import ConfigError, resolve_config
 from deepimage.models import get_model
 from deepimage.models.transfer import set_trainable, weight_layers
-from deepimage.runs import WEIGHTS, save_weights
+from deepimage.runs import WEIGHTS
 from deepimage.train.finetune import finetune_config
 from deepimage.train.loop import start_model, train
-from tests.helpers import make_run, write_noise_folder
+from tests.helpers import make_run, save_weights_v1, write_noise_folder
 
 pytestmark = pytest.mark.slow  # trains, resumes and fine-tunes
 
@@ -96,7 +96,7 @@ def test_frozen_weights_and_statistics_are_bitwise_unchanged(source, tmp_path):
             "classes": ["x", "y"], "class_names": {}, "size": 40, "crop": 32,
             "resize_mode": "stretch", "mean": list(base.mean), "std": list(base.std),
             "precision": "fp32"}  # fmt: skip
-    save_weights(src / WEIGHTS, base, meta)
+    save_weights_v1(src / WEIGHTS, base, meta)  # a source run written by the first version
     cfg = tiny_config(src, data, tmp_path / "ft", trainable="last:2", lr=0.05)
     summary = train(cfg)
     trainable = summary["finetune"]["trainable_layers"]
