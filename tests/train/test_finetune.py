@@ -15,6 +15,7 @@ from deepimage.cli import main
 from deepimage.config import ConfigError, resolve_config
 from deepimage.models import get_model
 from deepimage.models.transfer import set_trainable, weight_layers
+from deepimage.rng import seed_global
 from deepimage.runs import WEIGHTS
 from deepimage.train.finetune import finetune_config
 from deepimage.train.loop import start_model, train
@@ -117,7 +118,7 @@ def test_head_only_training_moves_only_the_head(source, tmp_path):
     for k in before:
         if not k.startswith(HEAD):
             assert torch.equal(before[k], after[k]), k
-    torch.manual_seed(cfg.seed)  # the head the run started from: fresh, then it learned
+    seed_global(cfg.seed)  # the head the run started from: fresh, then it learned
     fresh = get_model("vgg16_deepimage", num_classes=3, image_size=32, width=0.0625)
     assert after[f"{HEAD}.weight"].shape == fresh.classifier[7].weight.shape
     assert not torch.equal(after[f"{HEAD}.weight"], fresh.classifier[7].weight.detach())
