@@ -223,9 +223,6 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     @property
     def weights(self) -> Path:
         return self.path / WEIGHTS

@@ -67,3 +67,18 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     atomic_write_text(tmp_path / "a.txt", "two")
     assert (tmp_path / "a.txt").read_text() == "two"
     assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_run_folder_knows_when_it_holds_a_run_and_names_a_damaged_file(tmp_path):
+    from deepimage.runs import Run
+
+    run = Run(tmp_path / "r")
+    assert not run.started() and run.read_json("finetune.json") is None
+    run.save_state({"step": 1})
+    assert run.started() and run.latest_state()["step"] == 1
+    run.write_json("finetune.json", {"trainable": "head"})
+    assert run.read_json("finetune.json") == {"trainable": "head"}
+    run.finetune_report.write_text('{"trainable": ')  # cut short
+    with pytest.raises(CheckpointError, match="finetune.json") as info:
+        run.read_json("finetune.json")
+    assert "\n" not in str(info.value)

@@ -62,7 +62,6 @@ from deepimage.runmeta import Preprocess, RunMeta
 from deepimage.runs import (
     CHECKPOINT,
     FINETUNE_REPORT,
-    WEIGHTS,
     CheckpointError,
     Run,
     load_latest_state,
@@ -383,7 +382,7 @@ class Trainer:
     # --- run folder ----------------------------------------------------------------------
 
     def _open_run(self, resume: bool) -> None:
-        exists = (self.run / CHECKPOINT).exists() or (self.run / WEIGHTS).exists()
+        exists = Run(self.run).started()
         if exists and not resume:
             raise RunExistsError(
                 f"{self.run} already holds a run: pass --resume to continue it, "
@@ -658,10 +657,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     trainer = Trainer(cfg)
     try:
         report = trainer.finetune_report  # fine-tuning: what was replaced and frozen
-        taken = any((Path(cfg.out) / f).exists() for f in (CHECKPOINT, WEIGHTS))
-        if report is not None and trainer.rank == 0 and (resume or not taken):
-            Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            atomic_write_json(Path(cfg.out) / FINETUNE_REPORT, report.as_dict())
+        folder = Run(cfg.out)
+        if report is not None and trainer.rank == 0 and (resume or not folder.started()):
+            folder.write_json(FINETUNE_REPORT, report.as_dict())
         summary = trainer.fit(resume=resume or pdist.restart_count() > 0)
         if report is not None:
             summary = {**summary, "finetune": report.as_dict()}
