@@ -45,7 +45,7 @@ import torch
 from deepimage.bench.report import header, spread
 from deepimage.inference import logits_for
 from deepimage.models import get_model
-from deepimage.runs import WEIGHTS, save_weights
+from deepimage.runs import WEIGHTS, RunMeta, save_weights
 from deepimage.serve.export import export
 from deepimage.serve.predict import Predictor
 
@@ -91,7 +91,7 @@ def untrained_run(folder: Path, photos: list[Path], model: str, size: int, crop:
         "precision": "fp32",
     }
     folder.mkdir(parents=True, exist_ok=True)
-    save_weights(folder / WEIGHTS, net, meta)
+    save_weights(folder / WEIGHTS, net, RunMeta.from_dict(meta, folder))
     return folder
 
 
@@ -114,12 +114,12 @@ def fitted_run(folder: Path, photos: list[Path], model: str, size: int, crop: in
                 views = [predictor.load_image(p.read_bytes()) for p in photos[i : i + 32]]
                 images = predictor.stack(views)[0]
                 x = torch.from_numpy(np.ascontiguousarray(images))
-                logits_for(net, x, crop, meta["mean"], meta["std"], torch.device("cpu"), "fp32")
+                logits_for(net, x, meta.preprocess, torch.device("cpu"))
     finally:
         hook.remove()
     feats = torch.cat(seen).flatten(1).double()
-    labels = [meta["classes"].index(p.stem.partition("_")[0]) for p in photos]
-    target = -torch.ones(len(photos), len(meta["classes"]), dtype=torch.float64)
+    labels = [meta.classes.index(p.stem.partition("_")[0]) for p in photos]
+    target = -torch.ones(len(photos), meta.num_classes, dtype=torch.float64)
     target[torch.arange(len(photos)), torch.tensor(labels)] = 1.0
     mu = feats.mean(0)
     f = feats - mu

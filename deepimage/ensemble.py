@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from deepimage.files import atomic_write_json
-from deepimage.runs import CheckpointError, load_model, read_weights
+from deepimage.runs import CheckpointError, RunMeta, load_model, read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +33,6 @@ def _relative(member: Path, folder: Path) -> str:
         return Path(os.path.relpath(member.resolve(), folder.resolve())).as_posix()
     except ValueError:  # another drive on Windows: keep the absolute path
         return member.resolve().as_posix()
-
-
-def _member_meta(member: Path) -> dict[str, Any]:
-    """A member's weights metadata, read from its readable ``model.json`` when present."""
-    path = member / "model.json" if member.is_dir() else None
-    if path is not None and path.exists():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
-    return read_weights(member)[1]
 
 
 def write_manifest(run: str | Path, members: Sequence[str | Path], **info: Any) -> Path:
@@ -62,14 +51,14 @@ def write_manifest(run: str | Path, members: Sequence[str | Path], **info: Any) 
     metas = []
     for path in paths:
         try:
-            metas.append(_member_meta(path))
+            metas.append(read_meta(path))
         except CheckpointError:
             metas.append(None)
     known = [m for m in metas if m is not None]
     if known:
-        manifest["crop"] = known[0]["crop"]
-        manifest["classes"] = list(known[0]["classes"])
-        manifest["sizes"] = [m["size"] if m else None for m in metas]
+        manifest["crop"] = known[0].preprocess.crop
+        manifest["classes"] = list(known[0].classes)
+        manifest["sizes"] = [m.preprocess.size if m else None for m in metas]
     manifest.update(info)
     manifest["members"] = [_relative(p, run) for p in paths]
     path = run / ENSEMBLE_FILE
@@ -130,7 +119,7 @@ def expand_sources(sources: Sequence[str | Path]) -> list[Path]:
 
 def load_members(
     sources: Sequence[str | Path], device: str | torch.device = "cpu"
-) -> list[tuple[torch.nn.Module, dict[str, Any]]]:
+) -> list[tuple[torch.nn.Module, RunMeta]]:
     """Every member model (in eval mode) with its metadata; all must share their classes."""
     paths = expand_sources(sources)
     if not paths:
@@ -140,7 +129,7 @@ def load_members(
         if not path.exists():
             raise CheckpointError(f"{path}: ensemble member does not exist")
         model, meta = load_model(path, device)
-        if members and list(meta["classes"]) != list(members[0][1]["classes"]):
+        if members and meta.classes != members[0][1].classes:
             raise CheckpointError(
                 f"{path}: classes differ from those of the first member {paths[0]}"
             )

@@ -1,8 +1,9 @@
 """Forward passes for evaluation, shared by training's validation, evaluate and predict.
 
-One path from uint8 images to class scores: centre crop, normalise, autocast forward. Using
-it everywhere is what makes a number printed by ``evaluate`` and a prediction from
-``predict`` agree with the validation accuracy seen during training.
+One path from uint8 images to class scores: centre crop, normalise, autocast forward, all
+as the run's :class:`~deepimage.runmeta.Preprocess` says. Using it everywhere is what makes
+a number printed by ``evaluate`` and a prediction from ``predict`` agree with the validation
+accuracy seen during training.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from tqdm.auto import tqdm
 
 from deepimage.data.transforms import center_crop, to_model_input
 from deepimage.metrics import ClassificationMeter
-from deepimage.precision import ExecutionChoice, autocast
+from deepimage.precision import autocast
 from deepimage.precision import resolve as resolve_execution
+from deepimage.runmeta import Preprocess, RunMeta
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +34,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def inference_execution(
     model: torch.nn.Module,
-    meta: dict,
+    meta: RunMeta,
     device: torch.device,
     precision: str | None = None,
     cache_dir: str | Path | None = None,
-) -> ExecutionChoice:
-    """The fastest correct precision and layout for running ``model`` on ``device``.
+) -> Preprocess:
+    """The run's preprocessing, computed in the fastest correct precision and layout for
+    running ``model`` on ``device``.
 
     ``precision`` None or ``auto`` decides by the hardware (a forward-pass probe where the
     CPU has native bf16), whatever precision the model was trained in: a model trained
@@ -46,21 +49,28 @@ def inference_execution(
     """
     from deepimage.data.cache import default_cache_dir
 
-    width = (meta.get("model_kwargs") or {}).get("width", 1.0)
     choice = resolve_execution(
         precision or "auto",
         "auto",
         device,
         model,
-        f"{meta.get('model', '?')}@{width:g}",
-        int(meta["crop"]),
+        f"{meta.model}@{meta.width:g}",
+        meta.preprocess.crop,
         Path(cache_dir) if cache_dir else default_cache_dir(),
         train=False,
     )
     if choice.channels_last:
         model.to(memory_format=torch.channels_last)
     logger.info("%s", choice.describe())
-    return choice
+    return meta.preprocess.running(choice.precision, choice.channels_last)
+
+
+def model_input(
+    images: torch.Tensor, pre: Preprocess, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The model's input for ``(B, S, S, 3)`` uint8 images: centre crop, normalise, layout."""
+    return to_model_input(center_crop(images, pre.crop), pre.mean, pre.std, device,
+                          pre.channels_last)  # fmt: skip
 
 
 def _forward(net: torch.nn.Module, x: torch.Tensor, device: torch.device, precision: str):
@@ -70,18 +80,10 @@ def _forward(net: torch.nn.Module, x: torch.Tensor, device: torch.device, precis
 
 @torch.inference_mode()
 def logits_for(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    crop: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device,
-    precision: str = "fp32",
-    channels_last: bool = False,
+    model: torch.nn.Module, images: torch.Tensor, pre: Preprocess, device: torch.device
 ) -> torch.Tensor:
-    """float32 logits for ``(B, S, S, 3)`` uint8 images, centre-cropped to ``crop``."""
-    x = to_model_input(center_crop(images, crop), mean, std, device, channels_last)
-    return _forward(model, x, device, precision)
+    """float32 logits for ``(B, S, S, 3)`` uint8 images, centre-cropped to ``pre.crop``."""
+    return _forward(model, model_input(images, pre, device), device, pre.precision)
 
 
 TTA_MODES = ("center", "flip", "dense", "shift")
@@ -99,12 +101,8 @@ def shifted_views(x: torch.Tensor, shift: int = 1) -> list[torch.Tensor]:
 def posteriors_for(
     model: torch.nn.Module,
     images: torch.Tensor,
-    crop: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    pre: Preprocess,
     device: torch.device,
-    precision: str = "fp32",
-    channels_last: bool = False,
     tta: Sequence[str] = ("center",),
     dense: torch.nn.Module | None = None,
 ) -> torch.Tensor:
@@ -123,10 +121,9 @@ def posteriors_for(
     if "dense" in tta:
         if dense is None:
             raise ValueError("dense evaluation needs the fully convolutional model")
-        views.append((dense, to_model_input(images, mean, std, device, channels_last)))
+        views.append((dense, to_model_input(images, pre.mean, pre.std, device, pre.channels_last)))
     if "center" in tta or "dense" not in tta:
-        views.append((model, to_model_input(center_crop(images, crop), mean, std, device,
-                                            channels_last)))  # fmt: skip
+        views.append((model, model_input(images, pre, device)))
     total = None
     count = 0.0
     for net, x in views:
@@ -136,7 +133,7 @@ def posteriors_for(
         for crop_view, weight in crops:
             inputs = [crop_view, crop_view.flip(3)] if "flip" in tta else [crop_view]
             for view in inputs:
-                probs = torch.softmax(_forward(net, view, device, precision), dim=1) * weight
+                probs = torch.softmax(_forward(net, view, device, pre.precision), dim=1) * weight
                 total = probs if total is None else total + probs
                 count += weight
     return total / count
@@ -146,12 +143,8 @@ def evaluate_batches(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     num_classes: int,
-    crop: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    pre: Preprocess,
     device: torch.device,
-    precision: str = "fp32",
-    channels_last: bool = False,
     total: int | None = None,
     progress: bool = False,
     desc: str = "eval",
@@ -170,9 +163,7 @@ def evaluate_batches(
     for images, labels, _rows in tqdm(
         batches, total=total, disable=not progress, desc=desc, leave=False
     ):
-        posteriors = posteriors_for(
-            model, images, crop, mean, std, device, precision, channels_last, tta, dense
-        )
+        posteriors = posteriors_for(model, images, pre, device, tta, dense)
         meter.update(posteriors.cpu(), labels)
         probs.append(posteriors.cpu().numpy())
     model.train(was_training)

@@ -1,30 +1,34 @@
 """One home for randomness: every draw of a training run is a pure function of named keys.
 
-The scheme by which ``seed`` reaches its consumers: the run's ``seed`` is handed unchanged to
-each consumer, and each consumer draws from its own named :class:`Stream`, keyed by
-(seed, stream, epoch or step, image row, unit), through a function of this module. No draw
-depends on the rank, the number of processes, loader workers or threads, or the batch split,
-so a resumed run, or one on another number of processes, continues exactly.
+The one scheme by which ``seed`` reaches its consumers: the run's ``seed`` is handed
+unchanged to each consumer, and each consumer draws only from its own named
+:class:`Stream`, whose key is :func:`stream_seed` ``(seed, stream)`` (SplitMix64 of the seed,
+then of the stream; Steele et al., 2014). A consumer's generator takes that key and its
+counters (epoch or step, image row, unit) and nothing else. No draw depends on the rank,
+the number of processes, loader workers or threads, or the batch split, so a resumed run,
+or one on another number of processes, continues exactly.
 
-=====================  ================================  ==========================================
-consumer               stream                            key -> generator
-=====================  ================================  ==========================================
-validation split       :attr:`Stream.VAL_SPLIT`          (seed, row) -> :func:`keyed_uniform`
-epoch order            :attr:`Stream.EPOCH_ORDER`        (seed, epoch) -> :func:`permutation`
-augmentation           :attr:`Stream.AUGMENT`            (seed, epoch, row) -> :func:`keyed_uniform`
-data-dependent init    :attr:`Stream.DATA_INIT`          (seed, 0) -> :func:`permutation`
-dropout masks          :attr:`Stream.DROPOUT_FC1`, ...   (seed, step, row, unit) ->
-                                                         :func:`dropout_keys`, :func:`unit_uniform`
-weight initialisation  torch's global generator          :func:`seed_global` (seed)
-=====================  ================================  ==========================================
+=====================  ================================  ======================================
+consumer               stream                            stream_seed(seed, stream), then
+=====================  ================================  ======================================
+validation split       :attr:`Stream.VAL_SPLIT`          (row) -> :func:`keyed_uniform`
+epoch order            :attr:`Stream.EPOCH_ORDER`        (epoch) -> :func:`permutation`
+augmentation           :attr:`Stream.AUGMENT`            (epoch, row) -> :func:`keyed_uniform`
+data-dependent init    :attr:`Stream.DATA_INIT`          (0) -> :func:`permutation`
+dropout masks          :attr:`Stream.DROPOUT_FC1`,       (step, row, unit) -> :func:`dropout_keys`,
+                       :attr:`Stream.DROPOUT_FC2`        :func:`unit_uniform`
+weight initialisation  :attr:`Stream.WEIGHT_INIT`        torch's global generator,
+                                                         :func:`seed_global`
+corruptions            :attr:`Stream.CORRUPTION`         (row) -> :func:`row_generators`
+=====================  ================================  ======================================
 
-The generators differ by stream only for history: each produces, bit for bit, what the run
-produced before the streams were named, so results and checkpoints stay reproducible.
-:func:`keyed_uniform` is SplitMix64 (Steele et al., 2014) vectorised over rows with NumPy's
-wrapping uint64 arithmetic; :func:`permutation` is NumPy's PCG64 seeded with
-``[seed, epoch, stream]``; dropout uses a 32-bit integer mix on int64 tensors (:func:`hash32`),
-the same bits on any device. Weight initialisation is the one use of torch's global generator
-(seeded once, saved in checkpoints); dropout outside :func:`dropout_keys` falls back to it.
+(The corruptions of ``evaluate --corrupt`` take their own ``--corrupt-seed`` through the same
+scheme.) The generators suit where they run: :func:`keyed_uniform` is SplitMix64 vectorised
+over rows with NumPy's wrapping uint64 arithmetic; :func:`permutation` and
+:func:`row_generators` are NumPy's PCG64 seeded with the key's two halves and the counter;
+dropout uses a 32-bit integer mix on int64 tensors (:func:`hash32`), the same bits on any
+device. Weight initialisation is the one use of torch's global generator (seeded once, saved
+in checkpoints); dropout outside :func:`dropout_keys` falls back to it.
 """
 
 from __future__ import annotations
@@ -45,10 +49,29 @@ class Stream(IntEnum):
     DEFAULT = 0  # keyed_uniform's default and a lone KeyedDropout
     DROPOUT_FC1 = 1  # dropout after the first FC layer of the paper's head
     DROPOUT_FC2 = 2  # dropout after the second FC layer
+    WEIGHT_INIT = 3  # torch's global generator, which initialises the weights
+    CORRUPTION = 4  # per-image noise and signs of evaluate's corruptions
     VAL_SPLIT = 7  # which rows a stratified split holds out for validation
     AUGMENT = 21  # every augmentation parameter of an image in an epoch
     DATA_INIT = 31  # which training images set a data-initialised layer (patch whitening)
     EPOCH_ORDER = 0x5EED  # the permutation of the training rows in an epoch
+
+
+# --- the one derivation ---------------------------------------------------------------------
+
+M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _splitmix64(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def stream_seed(seed: int, stream: Stream | int) -> int:
+    """The 64-bit key of one stream of a run's ``seed``: how every consumer gets its seed."""
+    return _splitmix64(_splitmix64(seed & M64) ^ (int(stream) & M64))
 
 
 # --- keyed uniforms (SplitMix64, NumPy) ------------------------------------------------------
@@ -79,9 +102,8 @@ def keyed_uniform(
     the same key.
     """
     idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
-    base = _mix(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
-    base = _mix(base ^ np.uint64(epoch & 0xFFFFFFFFFFFFFFFF))
-    base = _mix(base ^ np.uint64(int(stream) & 0xFFFFFFFFFFFFFFFF))
+    key = np.array([stream_seed(seed, stream)], dtype=np.uint64)
+    base = _mix(key ^ np.uint64(epoch & M64))
     per_image = _mix(base ^ idx)[:, None]
     counters = np.arange(n, dtype=np.uint64)[None, :]
     bits = _mix(per_image ^ _mix(counters))
@@ -95,8 +117,19 @@ def permutation(
     seed: int, epoch: int, n: int, stream: Stream | int = Stream.EPOCH_ORDER
 ) -> np.ndarray:
     """A permutation of ``range(n)`` that depends only on (seed, epoch, stream)."""
-    rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, int(stream)])
-    return rng.permutation(n)
+    return np.random.default_rng([*_halves(stream_seed(seed, stream)), epoch & M64]).permutation(n)
+
+
+def row_generators(
+    seed: int, rows: np.ndarray | list[int], stream: Stream | int = Stream.CORRUPTION
+) -> list[np.random.Generator]:
+    """One NumPy generator per image row, each a pure function of (seed, stream, row)."""
+    key = _halves(stream_seed(seed, stream))
+    return [np.random.default_rng([*key, int(r) & M64]) for r in rows]
+
+
+def _halves(key: int) -> tuple[int, int]:
+    return key & 0xFFFFFFFF, key >> 32
 
 
 # --- dropout masks keyed by image, not by process (torch) ------------------------------------
@@ -118,10 +151,17 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DropoutKeys:
-    """The identity of every image of a batch and the (seed, step) salt of its masks."""
+    """The identity of every image of a batch, and the run's seed and step."""
 
     rows: torch.Tensor  # int64 (B,)
-    salt: int
+    seed: int
+    step: int
+
+    def salt(self, stream: Stream | int) -> int:
+        """The 32-bit key of ``stream``'s masks at this step."""
+        key = stream_seed(self.seed, stream)
+        folded = hash32(torch.tensor([(key ^ (key >> 32)) & M32]))
+        return int(hash32(folded ^ (self.step & M32))[0])
 
 
 _active: DropoutKeys | None = None
@@ -148,10 +188,8 @@ def dropout_keys(rows: torch.Tensor, seed: int, step: int) -> contextlib.Abstrac
     """Within this block, keyed dropout draws image ``i``'s mask from
     (seed, step, rows[i], stream, unit) alone, so masks do not depend on how a global batch is
     split between processes or micro-batches."""
-    seed_h = int(hash32(torch.tensor([seed & M32]))[0])
-    salt = int(hash32(torch.tensor([seed_h ^ (step & M32)]))[0])
     rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
-    return use_dropout_keys(DropoutKeys(rows, salt))
+    return use_dropout_keys(DropoutKeys(rows, seed, step))
 
 
 def unit_uniform(
@@ -160,7 +198,7 @@ def unit_uniform(
     """``(B, n_units)`` float32 uniforms in [0, 1) for units ``first_unit, ...`` of every
     image in ``keys``: the same value for an (image, unit) whichever rank computes it."""
     rows = keys.rows.to(device) & M32
-    base = hash32(rows ^ hash32(torch.tensor(keys.salt ^ int(stream), device=device)))
+    base = hash32(rows ^ hash32(torch.tensor(keys.salt(stream), device=device)))
     units = hash32(torch.arange(first_unit, first_unit + n_units, device=device, dtype=torch.int64))
     bits = hash32(base[:, None] ^ units[None, :])
     return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
@@ -170,6 +208,7 @@ def unit_uniform(
 
 
 def seed_global(seed: int) -> None:
-    """Seed torch's global generator, which initialises the weights (and drives dropout
-    outside :func:`dropout_keys`); checkpoints save its state."""
-    torch.manual_seed(seed)
+    """Seed torch's global generator from the run's ``seed`` (:attr:`Stream.WEIGHT_INIT`): it
+    initialises the weights (and drives dropout outside :func:`dropout_keys`); checkpoints
+    save its state."""
+    torch.manual_seed(stream_seed(seed, Stream.WEIGHT_INIT))

@@ -1,9 +1,10 @@
 """The run folder: weights with their metadata, and the full training state.
 
-Layout of ``RUN/``::
+:class:`Run` is the one home of a run folder's file names and of reading and writing them;
+the weights' metadata is a typed :class:`~deepimage.runmeta.RunMeta`. Layout of ``RUN/``::
 
     config.yaml          the resolved configuration
-    model.safetensors    final weights; metadata["deepimage"] holds what predict needs
+    model.safetensors    final weights; metadata["deepimage"] holds the RunMeta JSON
     model.json           the same metadata, readable
     checkpoint.safetensors (+ .prev)   full training state for --resume
     metrics.jsonl        one line per epoch
@@ -28,17 +29,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deepimage.files import atomic_write, atomic_write_json
+from deepimage.runmeta import CheckpointError, RunMeta
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
+WEIGHTS_JSON = "model.json"
 CHECKPOINT = "checkpoint.safetensors"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
 FINETUNE_REPORT = "finetune.json"
 META_KEY = "deepimage"
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or weights file that cannot be read; the message names the file."""
+__all__ = ["CheckpointError", "Run", "RunMeta", "load_model", "read_weights", "save_weights"]
 
 
 # --- nested state <-> (tensors, JSON) -------------------------------------------------------
@@ -135,47 +139,147 @@ def load_latest_state(run: str | Path) -> dict[str, Any] | None:
 
 
 def save_weights(
-    path: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], meta: dict[str, Any]
+    path: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], meta: RunMeta
 ) -> None:
     """Write weights (a model or its state dict) to safetensors with ``meta`` (model name,
-    classes, preprocessing)."""
+    classes, preprocessing); next to a run folder's ``model.safetensors`` also ``model.json``."""
     path = Path(path)
     state = model if isinstance(model, dict) else model.state_dict()
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    metadata = {META_KEY: json.dumps(meta)}
+    data = meta.to_dict()
+    metadata = {META_KEY: json.dumps(data)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     if path.name == WEIGHTS:
-        atomic_write_json(path.with_name("model.json"), meta)
+        atomic_write_json(path.with_name(WEIGHTS_JSON), data)
 
 
-def read_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and metadata from a run folder or a ``.safetensors`` file."""
+def _weights_path(source: str | Path) -> Path:
     path = Path(source)
     if path.is_dir():
         path = path / WEIGHTS
         if not path.exists():
             raise CheckpointError(f"{source}: no {WEIGHTS} in this run folder (not finished?)")
+    return path
+
+
+def read_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], RunMeta]:
+    """Weights and metadata from a run folder or a ``.safetensors`` file."""
+    path = _weights_path(source)
     tensors, metadata = _read_safetensors(path)
     if META_KEY not in metadata:
         raise CheckpointError(f"{path}: no deepimage metadata (model name, classes)")
-    return tensors, json.loads(metadata[META_KEY])
+    try:
+        data = json.loads(metadata[META_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: metadata is not JSON ({err})") from None
+    return tensors, RunMeta.from_dict(data, path)
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu"):
+def read_meta(source: str | Path) -> RunMeta:
+    """A run's metadata without its tensors: ``model.json`` when readable, else the weights'."""
+    path = Path(source)
+    readable = path / WEIGHTS_JSON if path.is_dir() else None
+    if readable is not None and readable.exists():
+        try:
+            data = json.loads(readable.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            pass  # a damaged copy: the weights' own metadata decides
+        else:
+            return RunMeta.from_dict(data, readable)
+    return read_weights(source)[1]
+
+
+def load_model(
+    source: str | Path, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, RunMeta]:
     """Rebuild the model saved at ``source`` (run folder or weights file), in eval mode."""
     from deepimage.models import get_model
 
     tensors, meta = read_weights(source)
     model = get_model(
-        meta["model"],
-        num_classes=len(meta["classes"]),
-        image_size=meta["crop"],
-        **meta.get("model_kwargs", {}),
+        meta.model,
+        num_classes=meta.num_classes,
+        image_size=meta.preprocess.crop,
+        **meta.model_kwargs,
     )
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(
-            f"{source}: weights do not fit {meta['model']} "
+            f"{source}: weights do not fit {meta.model} "
             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
         )
     return model.to(device).eval(), meta
+
+
+# --- the folder -----------------------------------------------------------------------------
+
+
+class Run:
+    """A run folder: where each of its files lives, and how each is read and written."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def finetune_report(self) -> Path:
+        return self.path / FINETUNE_REPORT
+
+    def started(self) -> bool:
+        """Whether the folder already holds a run (a checkpoint or final weights)."""
+        return self.checkpoint.exists() or self.weights.exists()
+
+    def meta(self) -> RunMeta:
+        """The finished run's metadata (:func:`read_meta`)."""
+        return read_meta(self.path)
+
+    def load_model(self, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, RunMeta]:
+        return load_model(self.path, device)
+
+    def save_weights(
+        self, weights: torch.nn.Module | dict[str, torch.Tensor], meta: RunMeta
+    ) -> None:
+        save_weights(self.weights, weights, meta)
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        """The full training state, the previous one kept as ``.prev``."""
+        save_state(self.checkpoint, state)
+
+    def latest_state(self) -> dict[str, Any] | None:
+        return load_latest_state(self.path)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """``obj`` as ``RUN/name``, atomically."""
+        atomic_write_json(self.path / name, obj)
+
+    def read_json(self, name: str) -> Any | None:
+        """``RUN/name`` as JSON, None when absent; a damaged file is a one-line error."""
+        path = self.path / name
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: not readable JSON ({err})") from None

@@ -103,14 +103,15 @@ def _count_by_hand(run: Path, messy: dict) -> dict:
     from deepimage.runs import load_model
 
     model, meta = load_model(run)
-    size, crop = meta["size"], meta["crop"]
+    pre = meta.preprocess
+    size, crop = pre.size, pre.crop
     top = (size - crop) // 2
     images, labels = [], []
     for rel in messy["ok"]:
-        image = decode_image(messy["root"] / rel, size, mode=meta["resize_mode"])
+        image = decode_image(messy["root"] / rel, size, mode=pre.resize_mode)
         x = image[top : top + crop, top : top + crop].astype(np.float32) / 255
-        images.append((x - np.array(meta["mean"], np.float32)) / np.array(meta["std"], np.float32))
-        labels.append(meta["classes"].index(rel.split("/")[0]))
+        images.append((x - np.array(pre.mean, np.float32)) / np.array(pre.std, np.float32))
+        labels.append(meta.classes.index(rel.split("/")[0]))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     with torch.no_grad():
         logits = model(x).numpy()

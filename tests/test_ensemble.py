@@ -58,7 +58,7 @@ def test_ensemble_survives_a_move(ensemble, tmp_path):
 def test_load_members_gives_models_in_eval_mode_with_meta(ensemble):
     root, _, _ = ensemble
     loaded = load_members([root])
-    assert [meta["size"] for _, meta in loaded] == [40, 48]
+    assert [meta.preprocess.size for _, meta in loaded] == [40, 48]
     assert all(not model.training for model, _ in loaded)
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():  # two different members, not one loaded twice

@@ -10,7 +10,7 @@ import torch
 
 from deepimage import files
 from deepimage.data import prepare_store, scan_folder
-from deepimage.runs import save_state, save_weights
+from deepimage.runs import RunMeta, save_state, save_weights
 from tests.helpers import write_flat_folder
 
 
@@ -64,6 +64,6 @@ def test_the_run_folder_publishes_weights_and_checkpoints_through_the_helper(
     model = torch.nn.Linear(3, 2)
     meta = {"model": "m", "classes": ["a", "b"], "size": 8, "crop": 6,
             "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
-    save_weights(tmp_path / "model.safetensors", model, meta)
+    save_weights(tmp_path / "model.safetensors", model, RunMeta.from_dict(meta, "test"))
     save_state(tmp_path / "checkpoint.safetensors", {"model": model.state_dict()})
     assert {p.name for p in tmp_path.iterdir()} <= published.names

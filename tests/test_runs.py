@@ -79,3 +79,18 @@ def test_atomic_write_json_list_streams_a_json_array(tmp_path):
     assert json.loads((tmp_path / "l.json").read_text(encoding="utf-8")) == items
     assert json.loads((tmp_path / "empty.json").read_text()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "l.json"]
+
+
+def test_run_folder_knows_when_it_holds_a_run_and_names_a_damaged_file(tmp_path):
+    from deepimage.runs import Run
+
+    run = Run(tmp_path / "r")
+    assert not run.started() and run.read_json("finetune.json") is None
+    run.save_state({"step": 1})
+    assert run.started() and run.latest_state()["step"] == 1
+    run.write_json("finetune.json", {"trainable": "head"})
+    assert run.read_json("finetune.json") == {"trainable": "head"}
+    run.finetune_report.write_text('{"trainable": ')  # cut short
+    with pytest.raises(CheckpointError, match="finetune.json") as info:
+        run.read_json("finetune.json")
+    assert "\n" not in str(info.value)

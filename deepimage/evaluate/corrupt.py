@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from deepimage.augment.ops import geometry, photometric
 from deepimage.augment.params import AugmentParams, fit_zoom
+from deepimage.rng import row_generators
 
 SEVERITIES = (1, 2, 3, 4, 5)
 # parameter per severity 1..5; training's "deepimage" preset reaches cast 20, vignette
@@ -34,13 +35,9 @@ NOISE = (0.08, 0.12, 0.18, 0.26, 0.38)  # Gaussian noise std, 0..1 units (ImageN
 Corruption = Callable[[torch.Tensor, np.ndarray, int, int], torch.Tensor]
 
 
-def _generators(seed: int, rows: np.ndarray) -> list[np.random.Generator]:
-    return [np.random.default_rng([seed, int(r), 0x5EED]) for r in rows]
-
-
 def _signs(seed: int, rows: np.ndarray, k: int) -> np.ndarray:
     """``(n, k)`` of +-1, a pure function of (seed, row)."""
-    return np.stack([g.choice([-1.0, 1.0], size=k) for g in _generators(seed, rows)])
+    return np.stack([g.choice([-1.0, 1.0], size=k) for g in row_generators(seed, rows)])
 
 
 def _params(n: int, size: int, **values: np.ndarray) -> AugmentParams:
@@ -110,7 +107,7 @@ def noise(images: torch.Tensor, rows: np.ndarray, severity: int, seed: int) -> t
     std = NOISE[severity - 1] * 255
     shape = tuple(images.shape[1:])
     draws = [torch.from_numpy(g.standard_normal(shape, dtype=np.float32)) for g in
-             _generators(seed, rows)]  # fmt: skip
+             row_generators(seed, rows)]  # fmt: skip
     z = torch.stack(draws).to(images.device) if draws else torch.zeros_like(images, dtype=float)
     return _to_uint8(images.float() + std * z)
 

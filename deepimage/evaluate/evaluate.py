@@ -21,18 +21,12 @@ from deepimage.evaluate.corrupt import corrupt as corrupt_images
 from deepimage.files import atomic_write_json
 from deepimage.inference import evaluate_batches, inference_execution, resolve_device
 from deepimage.metrics import ClassificationMeter
-from deepimage.runs import load_model
+from deepimage.runs import RunMeta, load_model
 
 logger = logging.getLogger(__name__)
 
 ImageTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(images, rows) -> images``: a change applied to each batch of uint8 source images."""
-
-
-def class_labels(meta: dict[str, Any]) -> list[str]:
-    """Readable label per class: ``"<id> <name>"`` when a name is known, else the id."""
-    names = meta.get("class_names") or {}
-    return [f"{c} {names[c]}" if names.get(c) else c for c in meta["classes"]]
 
 
 def _label_map(data_classes: list[str], model_classes: list[str], data: str) -> np.ndarray:
@@ -63,7 +57,7 @@ def _results(posteriors: np.ndarray, labels: np.ndarray, num_classes: int) -> di
 
 def _load(
     source: str | Path | Sequence[str | Path], dev: torch.device
-) -> tuple[list[tuple[torch.nn.Module, dict[str, Any]]], list[Path], bool]:
+) -> tuple[list[tuple[torch.nn.Module, RunMeta]], list[Path], bool]:
     """The model(s) at ``source``; whether they form an ensemble (a manifest or several)."""
     sources = [source] if isinstance(source, str | Path) else list(source)
     paths = expand_sources(sources)
@@ -97,21 +91,25 @@ class Evaluation:
         self.device = resolve_device(device)
         self.members, self.paths, self.is_ensemble = _load(source, self.device)
         self.meta = self.members[0][1]
-        modes = {m["resize_mode"] for _, m in self.members}
+        modes = {m.preprocess.resize_mode for _, m in self.members}
         if len(modes) > 1:
             raise ValueError(f"{self.paths[0]}: members resize differently ({sorted(modes)})")
         self.scales = list(scales) if scales else None
-        self.member_scales = [self.scales or [m["size"]] for _, m in self.members]
+        self.member_scales = [self.scales or [m.preprocess.size] for _, m in self.members]
         sizes = sorted({s for ss in self.member_scales for s in ss})
         self.store = store_for(
-            data, sizes, mode=self.meta["resize_mode"], cache_dir=cache_dir, progress=progress
+            data,
+            sizes,
+            mode=self.meta.preprocess.resize_mode,
+            cache_dir=cache_dir,
+            progress=progress,
         )
-        self.label_map = _label_map(list(self.store.classes), self.meta["classes"], str(data))
+        self.label_map = _label_map(list(self.store.classes), list(self.meta.classes), str(data))
         self.labels = self.label_map[np.asarray(self.store.labels)]
-        self.num_classes = len(self.meta["classes"])
+        self.num_classes = self.meta.num_classes
         self.batches = eval_batches(np.arange(len(self.store)), batch_size)
         self.workers, self.progress = workers, progress
-        self.executions = [
+        self.preprocess = [  # each member's, run in this machine's precision and layout
             inference_execution(model, meta, self.device, precision, cache_dir)
             for model, meta in self.members
         ]
@@ -119,11 +117,11 @@ class Evaluation:
 
     def member_tta(self, index: int) -> tuple[str, ...]:
         """The test-time views of a member: as asked, else as its run recorded (centre)."""
-        return self.tta or tuple(self.members[index][1].get("tta") or ("center",))
+        return self.tta or self.members[index][1].tta
 
     def member_posteriors(self, index: int, transform: ImageTransform | None = None) -> np.ndarray:
         """``(N, classes)`` softmax posteriors of one member, averaged over its scales."""
-        model, meta = self.members[index]
+        model, _ = self.members[index]
         posteriors = []
         for scale in self.member_scales[index]:
             batches = iterate_batches(self.store.path, scale, self.batches, self.workers)
@@ -131,12 +129,8 @@ class Evaluation:
                 model,
                 _remap(batches, self.label_map, transform),
                 self.num_classes,
-                meta["crop"],
-                meta["mean"],
-                meta["std"],
+                self.preprocess[index],
                 self.device,
-                self.executions[index].precision,
-                self.executions[index].channels_last,
                 total=len(self.batches),
                 progress=self.progress,
                 desc=f"member {index + 1} at {scale}"
@@ -200,7 +194,7 @@ def evaluate(
         "top5": results["top5"],
         "mean_class_acc": results["mean_class_acc"],
         "n_images": results["n_images"],
-        "model": "ensemble" if ev.is_ensemble else ev.meta["model"],
+        "model": "ensemble" if ev.is_ensemble else ev.meta.model,
         "tta": list(ev.member_tta(0)),
         "scales": ev.member_scales[0] if ev.scales or not ev.is_ensemble else None,
         "data": str(data),
@@ -211,7 +205,8 @@ def evaluate(
         for i, (path, (_, m), probs) in enumerate(zip(ev.paths, ev.members, each, strict=True)):
             r = ev.results(probs)
             metrics["members"].append({
-                "source": str(path), "model": m["model"], "size": m["size"], "crop": m["crop"],
+                "source": str(path), "model": m.model, "size": m.preprocess.size,
+                "crop": m.preprocess.crop,
                 "scales": ev.member_scales[i], "top1": r["top1"], "top5": r["top5"],
                 "mean_class_acc": r["mean_class_acc"],
             })  # fmt: skip
@@ -220,7 +215,7 @@ def evaluate(
             ev, list(corruptions), list(severities), corrupt_seed, results["top1"]
         )
     if out is not None:
-        write_report(Path(out), metrics, results, class_labels(ev.meta))
+        write_report(Path(out), metrics, results, ev.meta.labels())
     return metrics
 
 

@@ -10,6 +10,8 @@ masks one process draws there.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -22,7 +24,7 @@ from deepimage.parallel.collectives import (
     gather_rows,
     gather_rows_raw,
 )
-from deepimage.rng import DropoutKeys, active_dropout_keys, use_dropout_keys
+from deepimage.rng import active_dropout_keys, use_dropout_keys
 
 
 def shard_bounds(n: int, world: int, start: int = 0) -> list[tuple[int, int]]:
@@ -135,7 +137,7 @@ class HybridHead(nn.Sequential):
                 )
                 with self.stats.blocking():
                     rows = gather_rows_raw(rows, counts, "all_gather(dropout keys)")
-            batch_keys = DropoutKeys(rows.reshape(-1), keys.salt)
+            batch_keys = dataclasses.replace(keys, rows=rows.reshape(-1))
         h, widths, gathered = x, None, False
         with use_dropout_keys(batch_keys):
             for m in self.children():

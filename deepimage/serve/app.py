@@ -184,11 +184,10 @@ def _add_info_routes(
 
     @app.get("/classes", summary="The model's classes with readable names")
     async def classes() -> dict[str, Any]:
-        names = predictor.meta.get("class_names") or {}
         return {
             "model": predictor.name,
             "classes": [
-                {"index": i, "class_id": c, "name": names.get(c, "")}
+                {"index": i, "class_id": c, "name": predictor.meta.name_of(c)}
                 for i, c in enumerate(predictor.classes)
             ],
         }

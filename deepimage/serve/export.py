@@ -14,6 +14,7 @@ absolute difference is below the tolerance.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -25,9 +26,10 @@ import numpy as np
 import torch
 
 from deepimage.data.decode import DecodeError, decode_image
-from deepimage.data.transforms import center_crop, to_model_input
 from deepimage.files import atomic_write
-from deepimage.runs import CheckpointError, load_model
+from deepimage.inference import model_input
+from deepimage.runmeta import CheckpointError, Preprocess, RunMeta
+from deepimage.runs import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -45,27 +47,33 @@ class ParityError(ValueError):
     """The exported model's logits differ from PyTorch's by more than the tolerance."""
 
 
-def export_meta(meta: dict[str, Any], fmt: str) -> dict[str, Any]:
-    """The run's metadata plus what a consumer of the exported file needs to know."""
+def exported(meta: RunMeta) -> RunMeta:
+    """The run's metadata as the exported graph runs: fp32, NCHW."""
+    pre = meta.preprocess.running("fp32", channels_last=False)
+    return dataclasses.replace(meta, preprocess=pre)
+
+
+def export_meta(meta: RunMeta, fmt: str) -> dict[str, Any]:
+    """The exported file's metadata JSON: the run's keys (:meth:`RunMeta.to_dict`, what
+    :meth:`RunMeta.from_dict` reads back) plus what a consumer of the file needs to know."""
     return {
-        **meta,
+        **exported(meta).to_dict(),
         "format": fmt,
         "input": "input",
         "output": "logits",
-        "precision": "fp32",
         "preprocessing": PREPROCESSING,
     }
 
 
 def sample_images(
-    meta: dict[str, Any], samples: Sequence[str | Path] | None, count: int = 8, seed: int = 0
+    pre: Preprocess, samples: Sequence[str | Path] | None, count: int = 8, seed: int = 0
 ) -> tuple[np.ndarray, str]:
     """``(N, S, S, 3)`` uint8 images at the model's size and a note of where they came from.
 
     ``samples`` are image files or folders (the first ``count`` decodable images, sorted);
     without any, seeded random images stand in.
     """
-    size, mode = meta["size"], meta.get("resize_mode", "stretch")
+    size, mode = pre.view
     files: list[Path] = []
     for s in samples or []:
         path = Path(s)
@@ -90,12 +98,6 @@ def sample_images(
         raise ValueError(f"{', '.join(map(str, samples))}: no decodable sample images")
     gen = np.random.default_rng(seed)
     return gen.integers(0, 256, (count, size, size, 3), dtype=np.uint8), "random images"
-
-
-def model_input(images: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
-    """The exported graph's input for uint8 images at the model's size."""
-    x = center_crop(torch.from_numpy(images), meta["crop"])
-    return to_model_input(x, meta["mean"], meta["std"], channels_last=False)
 
 
 def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
@@ -147,7 +149,7 @@ def _run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:
         return module(x).float().numpy()
 
 
-def read_torchscript_meta(path: str | Path) -> dict[str, Any]:
+def read_torchscript_meta(path: str | Path) -> RunMeta:
     """The metadata stored in a TorchScript file written by :func:`export`."""
     extra = {"deepimage.json": ""}
     with warnings.catch_warnings():
@@ -155,7 +157,11 @@ def read_torchscript_meta(path: str | Path) -> dict[str, Any]:
         torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     if not extra["deepimage.json"]:
         raise CheckpointError(f"{path}: no deepimage metadata")
-    return json.loads(extra["deepimage.json"])
+    try:
+        data = json.loads(extra["deepimage.json"])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: deepimage metadata is not JSON ({err})") from None
+    return RunMeta.from_dict(data, path)
 
 
 def export(
@@ -178,11 +184,12 @@ def export(
 
     if expand_sources([source]) != [Path(source)]:
         raise ValueError(f"{source}: an ensemble; export its member runs one at a time")
-    model, meta = load_model(source, "cpu")
+    model, run_meta = load_model(source, "cpu")
     model = model.float().eval()
-    meta = export_meta(meta, fmt)
-    images, note = sample_images(meta, samples)
-    x = model_input(images, meta)
+    meta = export_meta(run_meta, fmt)
+    pre = exported(run_meta).preprocess
+    images, note = sample_images(pre, samples)
+    x = model_input(torch.from_numpy(images), pre)
     with torch.inference_mode():
         reference = model(x).float().numpy()
     example = x[:2] if len(x) >= 2 else x.repeat(2, 1, 1, 1)
@@ -205,7 +212,7 @@ def export(
             )
 
     atomic_write(out, write_checked)
-    logger.debug("exported %s to %s (max abs logit diff %.3g)", meta["model"], out, diff)
+    logger.debug("exported %s to %s (max abs logit diff %.3g)", run_meta.model, out, diff)
     return {
         "path": str(out),
         "format": fmt,

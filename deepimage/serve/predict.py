@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from deepimage.data.decode import DEFAULT_MAX_PIXELS, DecodeError, ImageSource, decode_image
-from deepimage.data.transforms import center_crop, to_model_input
-from deepimage.inference import inference_execution, logits_for, resolve_device
-from deepimage.runs import CheckpointError
+from deepimage.inference import inference_execution, logits_for, model_input, resolve_device
+from deepimage.runmeta import CheckpointError, Preprocess, RunMeta
 
 View = tuple[int, str]  # (source size, resize mode)
 
@@ -30,10 +29,10 @@ View = tuple[int, str]  # (source size, resize mode)
 class Member(Protocol):
     """One model of a predictor: its metadata and a forward pass to logits."""
 
-    meta: dict[str, Any]
+    meta: RunMeta
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """float32 logits for ``(B, S, S, 3)`` uint8 images at ``meta['size']``."""
+        """float32 logits for ``(B, S, S, 3)`` uint8 images at ``meta.preprocess.size``."""
 
 
 @dataclass
@@ -41,24 +40,13 @@ class TorchMember:
     """A PyTorch model run through :func:`~deepimage.inference.logits_for`."""
 
     model: torch.nn.Module
-    meta: dict[str, Any]
+    meta: RunMeta
     device: torch.device
-    precision: str = "fp32"
-    channels_last: bool = False
+    preprocess: Preprocess  # the run's, in the precision and layout chosen for this machine
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        meta = self.meta
-        out = logits_for(
-            self.model,
-            torch.from_numpy(np.ascontiguousarray(images)),
-            meta["crop"],
-            meta["mean"],
-            meta["std"],
-            self.device,
-            self.precision,
-            self.channels_last,
-        )
-        return out.cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        return logits_for(self.model, x, self.preprocess, self.device).cpu().numpy()
 
 
 @dataclass
@@ -70,7 +58,7 @@ class OnnxMember:
     """
 
     session: Any
-    meta: dict[str, Any]
+    meta: RunMeta
     input_name: str = field(default="input")
 
     @classmethod
@@ -90,17 +78,15 @@ class OnnxMember:
         props = session.get_modelmeta().custom_metadata_map
         if "deepimage" not in props:
             raise CheckpointError(f"{path}: no deepimage metadata (not exported by deepimage)")
-        meta = json.loads(props["deepimage"])
-        return cls(session, meta, session.get_inputs()[0].name)
+        try:
+            data = json.loads(props["deepimage"])
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: deepimage metadata is not JSON ({err})") from None
+        return cls(session, RunMeta.from_dict(data, path), session.get_inputs()[0].name)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        meta = self.meta
-        x = to_model_input(
-            center_crop(torch.from_numpy(np.ascontiguousarray(images)), meta["crop"]),
-            meta["mean"],
-            meta["std"],
-            channels_last=False,
-        )
+        pre = self.meta.preprocess.running("fp32", channels_last=False)  # the graph's input
+        x = model_input(torch.from_numpy(np.ascontiguousarray(images)), pre)
         return self.session.run(None, {self.input_name: x.numpy()})[0]
 
 
@@ -122,7 +108,7 @@ class Predictor:
             raise ValueError("a predictor needs at least one model")
         views: list[View] = []
         for member in self.members:
-            view = (int(member.meta["size"]), str(member.meta.get("resize_mode", "stretch")))
+            view = member.meta.preprocess.view
             if view not in views:
                 views.append(view)
         self.views = views
@@ -165,23 +151,24 @@ class Predictor:
         loaded = load_members(sources, dev)
         members = []
         for model, meta in loaded:
-            choice = inference_execution(model, meta, dev, precision)
-            members.append(TorchMember(model, meta, dev, choice.precision, choice.channels_last))
+            members.append(
+                TorchMember(model, meta, dev, inference_execution(model, meta, dev, precision))
+            )
         return cls(members, "torch", max_pixels)
 
     @property
-    def meta(self) -> dict[str, Any]:
+    def meta(self) -> RunMeta:
         """The first member's metadata (classes and names are shared by all members)."""
         return self.members[0].meta
 
     @property
     def classes(self) -> list[str]:
-        return list(self.meta["classes"])
+        return list(self.meta.classes)
 
     @property
     def name(self) -> str:
         """The model's name, ``a + b`` for an ensemble."""
-        return " + ".join(str(m.meta.get("model", "?")) for m in self.members)
+        return " + ".join(m.meta.model for m in self.members)
 
     def load_image(self, source: ImageSource) -> tuple[np.ndarray, ...]:
         """Decode and resize exactly as the store does for evaluation: one array per view.
@@ -211,21 +198,20 @@ class Predictor:
             raise ValueError(f"expected {len(self.views)} views, got {len(batch)}")
         total = None
         for member in self.members:
-            view = (int(member.meta["size"]), str(member.meta.get("resize_mode", "stretch")))
+            view = member.meta.preprocess.view
             probs = _softmax(member.logits(batch[self.views.index(view)]))
             total = probs if total is None else total + probs
         return total / len(self.members)
 
     def top(self, probs: np.ndarray, k: int) -> list[dict[str, Any]]:
         """The ``k`` most probable classes, most probable first."""
-        names = self.meta.get("class_names") or {}
         order = np.argsort(-probs, kind="stable")[: max(0, min(k, len(probs)))]
-        classes = self.meta["classes"]
+        classes = self.meta.classes
         return [
             {
                 "class_index": int(i),
                 "class_id": classes[i],
-                "name": names.get(classes[i], ""),
+                "name": self.meta.name_of(classes[i]),
                 "probability": float(probs[i]),
             }
             for i in order
@@ -246,9 +232,9 @@ class Predictor:
 
 
 def _check_classes(members: Sequence[Member], sources: Sequence[str | Path]) -> None:
-    first = list(members[0].meta["classes"])
+    first = members[0].meta.classes
     for member, source in zip(members[1:], sources[1:]):
-        if list(member.meta["classes"]) != first:
+        if member.meta.classes != first:
             raise CheckpointError(f"{source}: classes differ from those of {sources[0]}")
 
 

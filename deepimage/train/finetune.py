@@ -14,12 +14,11 @@ writes what changed into ``RUN/finetune.json``. The paper's learning rates are t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from deepimage.config import ConfigError, TrainConfig, resolve_config, update_config
-from deepimage.runs import FINETUNE_REPORT, read_weights
+from deepimage.runs import FINETUNE_REPORT, Run, read_meta
 
 FINETUNE_LR = 0.001  # paper 5.3: 0.001, then 0.0001
 
@@ -40,12 +39,11 @@ def finetune_config(
     source = flags.get("init_from")
     if source is None:
         raise ConfigError("config key 'init_from': no model to start from (--from RUN)")
-    _, meta = read_weights(source)
-    kwargs = meta.get("model_kwargs", {})
+    meta = read_meta(source)
+    pre = meta.preprocess
     base = {
-        "model": meta["model"], "width": kwargs.get("width", 1.0),
-        "dropout": kwargs.get("dropout"), "size": meta["size"], "crop": meta["crop"],
-        "resize_mode": meta.get("resize_mode", "stretch"), "lr": FINETUNE_LR,
+        "model": meta.model, "width": meta.width, "dropout": meta.dropout, "size": pre.size,
+        "crop": pre.crop, "resize_mode": pre.resize_mode, "lr": FINETUNE_LR,
         "schedule": "step", "gamma": 0.1,
     }  # fmt: skip
     cfg = resolve_config(config_file, flags, base=base, base_source=str(source))
@@ -56,5 +54,4 @@ def finetune_config(
 
 def read_report(run: str | Path) -> dict[str, Any] | None:
     """The fine-tuning report of a run, if it has one."""
-    path = Path(run) / FINETUNE_REPORT
-    return json.loads(path.read_text()) if path.exists() else None
+    return Run(run).read_json(FINETUNE_REPORT)

@@ -65,15 +65,15 @@ from deepimage.parallel.sync_bn import convert_sync_batchnorm
 from deepimage.precision import ExecutionChoice, needs_grad_scaler
 from deepimage.precision import resolve as resolve_execution
 from deepimage.rng import Stream, permutation, seed_global
+from deepimage.runmeta import Preprocess, RunMeta
 from deepimage.runs import (
     CHECKPOINT,
     FINETUNE_REPORT,
-    WEIGHTS,
     CheckpointError,
+    Run,
     load_latest_state,
     read_weights,
     save_state,
-    save_weights,
 )
 from deepimage.train.agree import check_same_state, open_data_everywhere
 from deepimage.train.lookahead import Lookahead
@@ -135,23 +135,26 @@ def prepare_data(cfg: TrainConfig) -> TrainData:
     return TrainData(train_store, train_rows, train_store, val_rows)
 
 
-def model_meta(
+def run_meta(
     cfg: TrainConfig, model: torch.nn.Module, classes: list[str], class_names: dict[str, str]
-) -> dict[str, Any]:
+) -> RunMeta:
     """What predict, evaluate and serve need to rebuild the model and its preprocessing."""
-    return {
-        "model": cfg.model,
-        "model_kwargs": {"width": cfg.width, "dropout": cfg.dropout},
-        "classes": classes,
-        "class_names": class_names,
-        "size": cfg.size,
-        "crop": cfg.crop,
-        "resize_mode": cfg.resize_mode,
-        "mean": list(model.mean),
-        "std": list(model.std),
-        "precision": cfg.precision,
-        "tta": list(cfg.tta),  # what `deepimage evaluate` applies unless told otherwise
-    }
+    return RunMeta(
+        model=cfg.model,
+        classes=tuple(classes),
+        preprocess=Preprocess(
+            size=cfg.size,
+            crop=cfg.crop,
+            mean=tuple(float(m) for m in model.mean),
+            std=tuple(float(s) for s in model.std),
+            resize_mode=cfg.resize_mode,
+            precision=cfg.precision,
+            channels_last=bool(cfg.channels_last),
+        ),
+        model_kwargs={"width": cfg.width, "dropout": cfg.dropout},
+        class_names=class_names,
+        tta=tuple(cfg.tta),  # what `deepimage evaluate` applies unless told otherwise
+    )
 
 
 def start_model(model: torch.nn.Module, cfg: TrainConfig, classes: list[str]) -> FinetuneReport:
@@ -159,7 +162,7 @@ def start_model(model: torch.nn.Module, cfg: TrainConfig, classes: list[str]) ->
     source = None
     if cfg.init_from is not None:
         tensors, meta = read_weights(cfg.init_from)
-        source = SourceWeights(cfg.init_from, tensors, list(meta["classes"]), meta["model"])
+        source = SourceWeights(cfg.init_from, tensors, list(meta.classes), meta.model)
     try:
         return prepare_model(model, classes, cfg.trainable, source)
     except TrainableError as err:
@@ -246,9 +249,8 @@ class Trainer:
         cfg = self.cfg = dataclasses.replace(
             cfg, precision=self.execution.precision, channels_last=self.execution.channels_last
         )
-        self.meta = model_meta(
-            cfg, self.model, self.classes, dict(self.data.train_store.class_names)
-        )
+        self.meta = run_meta(cfg, self.model, self.classes, dict(self.data.train_store.class_names))
+        self.preprocess = self.meta.preprocess  # validation sees what inference will
         if cfg.sync_bn and self.world > 1:
             if self.device.type == "cuda":  # NCCL: torch's fused kernels
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -268,8 +270,8 @@ class Trainer:
             size=cfg.size,
             crop=cfg.crop,
             seed=cfg.seed,
-            mean=self.meta["mean"],
-            std=self.meta["std"],
+            mean=self.preprocess.mean,
+            std=self.preprocess.std,
             stats=self.data.train_store.stats,
             device=self.device,
         )
@@ -437,7 +439,7 @@ class Trainer:
     def _open_run(self, resume: bool) -> None:
         exists = None
         if self.rank == 0:  # rank 0's folder decides, so that every rank fails alike
-            exists = (self.run / CHECKPOINT).exists() or (self.run / WEIGHTS).exists()
+            exists = Run(self.run).started()
         exists = pdist.broadcast_object(exists, op="broadcast(run exists)")
         if exists and not resume:
             raise RunExistsError(
@@ -566,12 +568,8 @@ class Trainer:
             self.model,
             iterate_batches(self.data.val_store.path, self.cfg.size, batches, self.cfg.workers),
             self.num_classes,
-            self.cfg.crop,
-            self.meta["mean"],
-            self.meta["std"],
+            self.preprocess,
             self.device,
-            self.cfg.precision,
-            self.cfg.channels_last,
             total=len(batches),
             progress=self.cfg.progress and self.rank == 0,
             desc="validate",
@@ -709,12 +707,12 @@ class Trainer:
         self.sync.flush()
         weights = self.sync.model_state_dict()  # full, unsharded (collective)
         if self.rank == 0:
-            save_weights(self.run / WEIGHTS, weights, self.meta)
+            Run(self.run).save_weights(weights, self.meta)
         last = self.history[-1] if self.history else {}
         summary = {
             "model": self.cfg.model,
             "classes": self.classes,
-            "class_names": self.meta["class_names"],
+            "class_names": dict(self.meta.class_names),
             "n_train_images": int(len(self.data.train_rows)),
             "n_val_images": int(len(self.data.val_rows)),
             "skipped": self.data.skipped,
@@ -748,10 +746,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     trainer = Trainer(cfg)
     try:
         report = trainer.finetune_report  # fine-tuning: what was replaced and frozen
-        taken = any((Path(cfg.out) / f).exists() for f in (CHECKPOINT, WEIGHTS))
-        if report is not None and trainer.rank == 0 and (resume or not taken):
-            Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            atomic_write_json(Path(cfg.out) / FINETUNE_REPORT, report.as_dict())
+        folder = Run(cfg.out)
+        if report is not None and trainer.rank == 0 and (resume or not folder.started()):
+            folder.write_json(FINETUNE_REPORT, report.as_dict())
         summary = trainer.fit(resume=resume or pdist.job_restarted_after_open())
         if report is not None:
             summary = {**summary, "finetune": report.as_dict()}

@@ -34,14 +34,15 @@ def setup(tmp_path_factory):
 def independent_posteriors(run: Path, data: Path) -> np.ndarray:
     """Decode, resize, centre-crop, normalise and run one image at a time, by hand."""
     model, meta = load_model(run)
-    size, crop = meta["size"], meta["crop"]
+    pre = meta.preprocess
+    size, crop = pre.size, pre.crop
     files = sorted(p for p in data.rglob("*.png"))
     out = []
     for path in files:
-        img = decode_image(path, size, mode=meta["resize_mode"]).astype(np.float32) / 255
+        img = decode_image(path, size, mode=pre.resize_mode).astype(np.float32) / 255
         top = (size - crop) // 2
         img = img[top : top + crop, top : top + crop]
-        x = (img - np.array(meta["mean"], np.float32)) / np.array(meta["std"], np.float32)
+        x = (img - np.array(pre.mean, np.float32)) / np.array(pre.std, np.float32)
         x = torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
         with torch.no_grad():
             out.append(torch.softmax(model(x), dim=1)[0].numpy())
@@ -51,7 +52,7 @@ def independent_posteriors(run: Path, data: Path) -> np.ndarray:
 def test_ensemble_posteriors_are_the_mean_of_the_members(setup, tmp_path):
     root, data, members = setup
     ev = Evaluation(root / "ens", data, cache_dir=str(tmp_path), **KW)
-    assert ev.is_ensemble and [m["size"] for _, m in ev.members] == [40, 48]
+    assert ev.is_ensemble and [m.preprocess.size for _, m in ev.members] == [40, 48]
     combined, each = ev.posteriors()
     expected = [independent_posteriors(run, data) for run in members]
     for got, want in zip(each, expected, strict=True):

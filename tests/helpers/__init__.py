@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from deepimage.models import get_model
-from deepimage.runs import WEIGHTS, save_weights
+from deepimage.runs import WEIGHTS, RunMeta, save_weights
 
 T = TypeVar("T")
 
@@ -261,8 +261,23 @@ def make_run(
         "precision": "fp32",
     }
     path.mkdir(parents=True, exist_ok=True)
-    save_weights(path / WEIGHTS, net, meta)
+    save_weights(path / WEIGHTS, net, RunMeta.from_dict(meta, path))
     return path
+
+
+def save_weights_v1(path: Path, net: torch.nn.Module, meta: dict[str, Any]) -> None:
+    """Weights written as the first versions did: ``meta`` as given (keys may be missing)
+    in the safetensors metadata and, for a run folder, ``model.json``. Folders written so
+    must keep opening."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(tensors, str(path), metadata={"deepimage": json.dumps(meta)})
+    if path.name == WEIGHTS:
+        (path.parent / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- waiting

@@ -252,7 +252,7 @@ def test_torchrun_hybrid_resumes_on_one_process_and_loads_unsharded(tmp_path):
     weights = load_file(tmp_path / "hybrid" / "model.safetensors")
     assert max_relative_error(weights, load_file(tmp_path / "single" / "model.safetensors")) <= RTOL
     model, meta = load_model(tmp_path / "hybrid")
-    assert meta["model"] == "vgg16_deepimage"
+    assert meta.model == "vgg16_deepimage"
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
 
 

@@ -142,7 +142,7 @@ def test_batcher_splits_at_max_batch_and_matches_one_by_one(predictor):
     for i, (row, image) in enumerate(zip(rows, images)):
         np.testing.assert_allclose(row, predictor.probabilities(predictor.stack([image]))[0],
                                    atol=1e-5)  # fmt: skip
-        assert predictor.meta["classes"][int(np.argmax(row))] == label(200 + i)
+        assert predictor.meta.classes[int(np.argmax(row))] == label(200 + i)
 
 
 def test_ensemble_is_served(ensemble_dir):

@@ -10,10 +10,12 @@ import torch
 from fastapi.testclient import TestClient
 
 from deepimage.cli import main
+from deepimage.inference import model_input
+from deepimage.runmeta import RunMeta
 from deepimage.runs import load_model
 from deepimage.serve import export as export_mod
 from deepimage.serve.app import create_app
-from deepimage.serve.export import ParityError, export, model_input, read_torchscript_meta
+from deepimage.serve.export import ParityError, export, read_torchscript_meta
 from deepimage.serve.predict import Predictor
 from tests.helpers import photo_jpeg
 
@@ -46,14 +48,15 @@ def test_onnx_has_dynamic_batch_and_preprocessing_metadata(onnx_file, run_dir):
 
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     meta = json.loads(session.get_modelmeta().custom_metadata_map["deepimage"])
-    _, run_meta = load_model(run_dir)
-    for key in ("size", "crop", "mean", "std", "resize_mode", "classes", "class_names"):
-        assert meta[key] == run_meta[key]
+    model, run_meta = load_model(run_dir)
+    read_back = RunMeta.from_dict(meta, onnx_file)
+    assert read_back.classes == run_meta.classes
+    assert read_back.class_names == run_meta.class_names
+    assert read_back.preprocess == run_meta.preprocess.running("fp32", channels_last=False)
     assert "centre crop" in meta["preprocessing"]
-    model, _ = load_model(run_dir)
     for batch in (1, 5):
         images = np.random.default_rng(batch).integers(0, 256, (batch, 40, 40, 3), np.uint8)
-        x = model_input(images, meta)
+        x = model_input(torch.from_numpy(images), read_back.preprocess)
         got = session.run(None, {"input": x.numpy()})[0]
         with torch.inference_mode():
             assert np.abs(got - model(x).numpy()).max() < 1e-4
@@ -74,7 +77,7 @@ def test_torchscript_export(run_dir, samples, tmp_path):
     out = tmp_path / "m.pt"
     report = export(run_dir, "torchscript", out, samples=samples)
     assert report["max_abs_diff"] < 1e-4
-    assert read_torchscript_meta(out)["crop"] == 32
+    assert read_torchscript_meta(out).preprocess.crop == 32
 
 
 def test_parity_failure_is_an_error_and_leaves_no_file(run_dir, tmp_path, monkeypatch, capsys):

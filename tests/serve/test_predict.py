@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -21,9 +22,9 @@ from .conftest import label, make_run
 def _reference(run, data: bytes) -> np.ndarray:
     """Posteriors the way evaluate computes them: decode at size, posteriors_for centre."""
     model, meta = load_model(run)
-    image = decode_image(data, meta["size"], mode=meta["resize_mode"])
-    probs = posteriors_for(model, torch.from_numpy(image[None]), meta["crop"], meta["mean"],
-                           meta["std"], torch.device("cpu"), "fp32")  # fmt: skip
+    pre = meta.preprocess
+    image = decode_image(data, pre.size, mode=pre.resize_mode)
+    probs = posteriors_for(model, torch.from_numpy(image[None]), pre, torch.device("cpu"))
     return probs[0].numpy()
 
 
@@ -35,7 +36,7 @@ def test_one_member_uses_evaluates_preprocessing(run_dir):
     top = predictor.top(probs, 2)
     assert top[0]["class_id"] == label(7)
     assert [p["probability"] for p in top] == sorted(probs, reverse=True)[:2]
-    assert top[0]["name"] == predictor.meta["class_names"][top[0]["class_id"]]
+    assert top[0]["name"] == predictor.meta.class_names[top[0]["class_id"]]
 
 
 def test_ensemble_averages_members_each_at_its_own_size(ensemble_dir):
@@ -48,7 +49,7 @@ def test_ensemble_averages_members_each_at_its_own_size(ensemble_dir):
     expected = (_reference(ensemble_dir / "s40", data) + _reference(ensemble_dir / "s48", data)) / 2
     np.testing.assert_allclose(got[0], expected, atol=1e-6)
     np.testing.assert_allclose(got[1], expected, atol=1e-6)
-    assert predictor.meta["classes"][int(np.argmax(got[0]))] == label(3)
+    assert predictor.meta.classes[int(np.argmax(got[0]))] == label(3)
     assert predictor.name == "vgg16_deepimage + vgg16_deepimage"
 
 
@@ -57,13 +58,10 @@ def test_ensemble_with_different_classes_is_refused(tmp_path):
 
     a = make_run(tmp_path / "a")
     b = make_run(tmp_path / "b")
-    meta_file = b / "model.json"
-    meta = json.loads(meta_file.read_text())
-    meta["classes"] = ["x", "y", "z"]
     from deepimage.runs import WEIGHTS, save_weights
 
-    model, _ = load_model(b)
-    save_weights(b / WEIGHTS, model, meta)
+    model, meta = load_model(b)
+    save_weights(b / WEIGHTS, model, dataclasses.replace(meta, classes=("x", "y", "z")))
     write_manifest(tmp_path / "ens", [a, b])
     with pytest.raises(CheckpointError, match="classes differ"):
         Predictor.load(tmp_path / "ens", device="cpu")

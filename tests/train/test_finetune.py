@@ -15,10 +15,11 @@ from deepimage.cli import main
 from deepimage.config import ConfigError, resolve_config
 from deepimage.models import get_model
 from deepimage.models.transfer import set_trainable, weight_layers
-from deepimage.runs import WEIGHTS, save_weights
+from deepimage.rng import seed_global
+from deepimage.runs import WEIGHTS
 from deepimage.train.finetune import finetune_config
 from deepimage.train.loop import start_model, train
-from tests.helpers import make_run, write_noise_folder
+from tests.helpers import make_run, save_weights_v1, write_noise_folder
 
 pytestmark = pytest.mark.slow  # trains, resumes and fine-tunes
 
@@ -96,7 +97,7 @@ def test_frozen_weights_and_statistics_are_bitwise_unchanged(source, tmp_path):
             "classes": ["x", "y"], "class_names": {}, "size": 40, "crop": 32,
             "resize_mode": "stretch", "mean": list(base.mean), "std": list(base.std),
             "precision": "fp32"}  # fmt: skip
-    save_weights(src / WEIGHTS, base, meta)
+    save_weights_v1(src / WEIGHTS, base, meta)  # a source run written by the first version
     cfg = tiny_config(src, data, tmp_path / "ft", trainable="last:2", lr=0.05)
     summary = train(cfg)
     trainable = summary["finetune"]["trainable_layers"]
@@ -117,7 +118,7 @@ def test_head_only_training_moves_only_the_head(source, tmp_path):
     for k in before:
         if not k.startswith(HEAD):
             assert torch.equal(before[k], after[k]), k
-    torch.manual_seed(cfg.seed)  # the head the run started from: fresh, then it learned
+    seed_global(cfg.seed)  # the head the run started from: fresh, then it learned
     fresh = get_model("vgg16_deepimage", num_classes=3, image_size=32, width=0.0625)
     assert after[f"{HEAD}.weight"].shape == fresh.classifier[7].weight.shape
     assert not torch.equal(after[f"{HEAD}.weight"], fresh.classifier[7].weight.detach())

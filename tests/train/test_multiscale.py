@@ -62,8 +62,8 @@ def test_cli_trains_members_and_writes_manifest(data, tmp_path, capsys):
     assert manifest["members"] == ["s40", "s48"] and manifest["sizes"] == [40, 48]
     assert manifest["crop"] == 32 and manifest["classes"] == ["c0", "c1", "c2"]
     members = load_members([run])
-    assert [meta["size"] for _, meta in members] == [40, 48]
-    assert [meta["crop"] for _, meta in members] == [32, 32]
+    assert [meta.preprocess.size for _, meta in members] == [40, 48]
+    assert [meta.preprocess.crop for _, meta in members] == [32, 32]
     assert expand_sources([run]) == [run / "s40", run / "s48"]
 
     # --resume with nothing left to do skips the finished members and leaves them alone
