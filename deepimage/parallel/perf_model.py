@@ -1,21 +1,30 @@
 """The analytic scaling model (``deepimage bench simulate``): step time and speedup vs N, no torch.
 
-The model predicts a step as compute ``b * F / (peak * u)`` plus the exposed part of the
-gradient exchange ``2 (N-1)/N * P / bw + 2 (N-1) * latency``. Each strategy hides the exchange
-behind a fraction of the compute that follows from when gradients are ready and when weights
-are needed (:func:`overlap`): butterfly none, DDP's buckets the backward pass (2/3), lazy a
-byte-weighted window of backward-below plus forward-below each layer. Beyond one node the node
-link carries the off-node share of all its GPUs' traffic. Hybrid (model-data) parallelism
-exchanges only the convolution gradients but all-gathers the fully-connected activations of the
-global batch, forward and backward, without overlap (paper 3.2-3.3).
+A step is compute ``b * F / (peak * u)`` plus the exposed part of the exchange. The exchange
+has two independent inputs:
 
-Calibration on Minwa uses physical constants (see :data:`MINWA`) and fits one parameter, the
-achieved fraction of K40m peak ``u``, to the paper's 47x at 64 GPUs (batch 1024); the
-data-parallel/hybrid crossover (paper: above 16 GPUs) is then a prediction, not a fit.
+* the **collective algorithm** (:data:`ALGORITHMS`), which fixes how many bytes each device
+  sends and how many of them cross its node's network link (:func:`traffic`): ``direct``
+  (every device sends its whole gradient to every other), ``butterfly`` (paper 3.1: part k of
+  every gradient goes straight to device k, which sends the sum back to all), ``ring`` and
+  ``hierarchical`` (reduce-scatter in the node, all-reduce between nodes, all-gather in the
+  node);
+* the **strategy** (``ddp``, ``butterfly``, ``lazy``, ``hybrid``), which fixes how much of the
+  exchange hides behind compute (:func:`overlap`): butterfly none, DDP's buckets the backward
+  pass (2/3), lazy update a byte-weighted window of backward-below plus forward-below each layer.
+
+Hybrid (model-data) parallelism exchanges only the convolution gradients but all-gathers the
+fully-connected activations of the global batch, forward and backward, without overlap
+(paper 3.2-3.3).
+
+Calibration on Minwa uses physical constants (:data:`MINWA`) and fits the achieved fraction of
+K40m peak ``u`` to some of the paper's figures (:func:`calibrate`); :func:`held_out` predicts
+the figures the fit did not see and reports the error.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -160,21 +169,83 @@ class Fit:
     utilisation: float = 0.4  # achieved fraction of peak FLOPs
 
 
-def comm_seconds(net_bytes: float, m: Machine, n: int) -> float:
-    """Seconds of a ring/butterfly all-reduce of ``net_bytes`` per device over n devices.
+ALGORITHMS = ("direct", "butterfly", "ring", "hierarchical")
+"""Collective algorithms the model knows; every exchange names one (:func:`traffic`)."""
 
-    Within a node each device sends ``2 (N-1)/N`` of the bytes over the intra-node fabric;
-    beyond it, the node link carries the off-node share ``(N-g)/N`` of its g devices' traffic.
+COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Where the bytes of one collective go, per device and per node (one direction)."""
+
+    sent: float  # bytes one device sends in all
+    intra: float  # of those, bytes over its node's own fabric (the busiest device)
+    node_link: float  # bytes one node's network link carries out of the node
+    messages: int  # messages one device sends in sequence (latency terms)
+    phased: bool = False  # intra-node and network phases run one after the other
+
+
+def traffic(collective: str, nbytes: float, n: int, per_node: int, algorithm: str) -> Traffic:
+    """Bytes of one ``collective`` over ``nbytes`` (the full buffer: all-reduce buffer,
+    reduce-scatter input, all-gather output) on ``n`` devices, ``per_node`` to a node.
+
+    With ``p = nbytes``, ``g`` devices per node and ``m = n / g`` nodes (devices numbered node
+    by node; a ring visits them in that order), an all-reduce is:
+
+    * ``direct``: every device sends all of ``p`` to each of the ``n - 1`` others; ``n - g`` of
+      them live off-node, so the node link carries ``g (n - g) p``.
+    * ``butterfly``: part k (``p / n``) of every device goes to device k, which sends the sum of
+      part k to every device: ``2 (n - 1) / n p`` per device, ``g * 2 (n - g) / n p`` on the
+      node link (every device's parts for off-node owners leave the node separately).
+    * ``ring``: ``2 (n - 1)`` steps of ``p / n`` to the next device; one ring edge per node
+      leaves it, so the node link carries one device's ``2 (n - 1) / n p``.
+    * ``hierarchical``: reduce-scatter in the node (``(g - 1) / g p``), a ring all-reduce of
+      each device's ``p / g`` across the m nodes (``g`` of them share the link:
+      ``2 (m - 1) / m p``), all-gather in the node; the phases run in sequence.
+
+    A reduce-scatter or an all-gather is the first or the second half of butterfly, ring or
+    hierarchical; ``direct`` sends each part straight to its owner, which is butterfly's half.
     """
-    if n == 1:
-        return 0.0
-    lat = 2 * (n - 1) * m.latency_s
-    if n <= m.gpus_per_node:
-        return 2 * (n - 1) / n * net_bytes / m.intra_bytes_s + lat
-    g = m.gpus_per_node
-    off_node = g * 2 * net_bytes * (n - g) / n
-    on_node = 2 * (n - 1) / n * net_bytes
-    return max(off_node / (m.link_bytes_s * m.links_per_node), on_node / m.intra_bytes_s) + lat
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown collective algorithm {algorithm!r}; one of {ALGORITHMS}")
+    if collective not in COLLECTIVES:
+        raise ValueError(f"unknown collective {collective!r}; one of {COLLECTIVES}")
+    if n <= 1:
+        return Traffic(0.0, 0.0, 0.0, 0)
+    g = min(n, per_node)
+    if n > g and n % g:
+        raise ValueError(f"{n} devices do not fill nodes of {per_node}")
+    p, m = float(nbytes), n // g
+    half = collective != "all_reduce"
+    if algorithm == "direct" and half:
+        algorithm = "butterfly"
+    if algorithm == "direct":
+        return Traffic((n - 1) * p, (g - 1) * p, g * (n - g) * p, n - 1)
+    k = 1 if half else 2  # phases: reduce-scatter and/or all-gather
+    if algorithm == "butterfly":
+        return Traffic(k * (n - 1) / n * p, k * (g - 1) / n * p, g * k * (n - g) / n * p,
+                       k * (n - 1))  # fmt: skip
+    if algorithm == "ring":
+        link = k * (n - 1) / n * p if m > 1 else 0.0
+        return Traffic(k * (n - 1) / n * p, k * (n - 1) / n * p, link, k * (n - 1))
+    intra = k * (g - 1) / g * p  # hierarchical
+    link = k * (m - 1) / m * p
+    return Traffic(intra + link / g, intra, link, k * (g - 1 + m - 1), phased=True)
+
+
+def traffic_seconds(t: Traffic, m: Machine) -> float:
+    """Seconds of a collective: the busier of the node link and the node fabric (both at
+    once), or their sum when the algorithm runs them in sequence, plus message latency."""
+    link = t.node_link / (m.link_bytes_s * m.links_per_node)
+    intra = t.intra / m.intra_bytes_s
+    wire = link + intra if t.phased else max(link, intra)
+    return wire + t.messages * m.latency_s
+
+
+def comm_seconds(net_bytes: float, m: Machine, n: int, algorithm: str) -> float:
+    """Seconds of an all-reduce of ``net_bytes`` per device over n devices of ``m``."""
+    return traffic_seconds(traffic("all_reduce", net_bytes, n, m.gpus_per_node, algorithm), m)
 
 
 def compute_seconds(net: Net, m: Machine, fit: Fit, n: int, batch_per_device: int) -> float:
@@ -183,140 +254,194 @@ def compute_seconds(net: Net, m: Machine, fit: Fit, n: int, batch_per_device: in
     return share * batch_per_device * net.flops / (m.peak_flops * fit.utilisation)
 
 
+def hybrid_exchange_seconds(
+    net: Net, m: Machine, n: int, batch_per_device: int, algorithm: str
+) -> float:
+    """Hybrid's exchange per step: every FC activation gather and its backward reduce-scatter
+    (the rows of the global batch, as :func:`hybrid_activation_bytes` counts them), the small
+    gathers of batch sizes and dropout keys (latency only), and the conv gradient all-reduce."""
+    if n == 1:
+        return 0.0
+    b, g = batch_per_device, m.gpus_per_node
+    gathers = [n * b * net.fc_layers[0][0] * 4] + [n * b * n * -(-o // n) * 4
+                                                  for _, o in net.fc_layers]  # fmt: skip
+    seconds = 0.0
+    for out_bytes in gathers:
+        for collective in ("all_gather", "reduce_scatter"):
+            seconds += traffic_seconds(traffic(collective, out_bytes, n, g, algorithm), m)
+    seconds += 2 * (n - 1) * m.latency_s
+    return seconds + comm_seconds(net.conv_param_bytes, m, n, algorithm)
+
+
 def step_time(
-    net: Net, m: Machine, fit: Fit, n: int, batch_per_device: int, strategy: str
+    net: Net,
+    m: Machine,
+    fit: Fit,
+    n: int,
+    batch_per_device: int,
+    strategy: str,
+    *,
+    algorithm: str,
 ) -> dict[str, float]:
     """Seconds per step of one device: compute, exchange and what of it is exposed."""
     compute = compute_seconds(net, m, fit, n, batch_per_device)
     if n == 1:
         return {"compute": compute, "comm": 0.0, "exposed": 0.0, "step": compute}
     if strategy == "hybrid":
-        g = min(n, m.gpus_per_node)
-        acts = n / (n - 1) * hybrid_activation_bytes(net.fc_layers, batch_per_device, n)
-        if n <= m.gpus_per_node:
-            act_s = (n - 1) / n * acts / m.intra_bytes_s
-        else:
-            act_s = g * (n - g) / n * acts / (m.link_bytes_s * m.links_per_node)
-        act_s += hybrid_collectives(net.fc_layers) * (n - 1) * m.latency_s
-        comm = act_s + comm_seconds(net.conv_param_bytes, m, n)
+        comm = hybrid_exchange_seconds(net, m, n, batch_per_device, algorithm)
         return {"compute": compute, "comm": comm, "exposed": comm, "step": compute + comm}
-    comm = comm_seconds(net.param_bytes, m, n)
+    comm = comm_seconds(net.param_bytes, m, n, algorithm)
     exposed = max(0.0, comm - overlap(net, strategy) * compute)
     return {"compute": compute, "comm": comm, "exposed": exposed, "step": compute + exposed}
 
 
-def speedup(net: Net, m: Machine, fit: Fit, n: int, global_batch: int, strategy: str) -> float:
+def speedup(
+    net: Net, m: Machine, fit: Fit, n: int, global_batch: int, strategy: str, *, algorithm: str
+) -> float:
     """Images per second on n devices over one device (same per-device batch)."""
     b = max(1, global_batch // n)
-    one = step_time(net, m, fit, 1, b, strategy)["step"]
-    return n * one / step_time(net, m, fit, n, b, strategy)["step"]
+    one = step_time(net, m, fit, 1, b, strategy, algorithm=algorithm)["step"]
+    return n * one / step_time(net, m, fit, n, b, strategy, algorithm=algorithm)["step"]
+
+
+def device_counts(m: Machine, top: int = 256) -> list[int]:
+    """1 to a node's devices, then whole nodes."""
+    g = m.gpus_per_node
+    return list(range(1, g + 1)) + list(range(2 * g, top + 1, g))
 
 
 def crossover(
-    net: Net, m: Machine, fit: Fit, strategy: str = "lazy", per_device: int = 64
+    net: Net, m: Machine, fit: Fit, strategy: str, *, algorithm: str, per_device: int = 64
 ) -> int | None:
-    """Smallest device count (multiple of a node beyond one node) where data parallelism with
-    ``strategy`` is faster than hybrid at ``per_device`` images per device."""
-    counts = [2, 3, 4] + list(range(8, 257, 4))
-    for n in counts:
-        dp = step_time(net, m, fit, n, per_device, strategy)["step"]
-        hy = step_time(net, m, fit, n, per_device, "hybrid")["step"]
+    """Smallest device count (:func:`device_counts`) where data parallelism with ``strategy``
+    is faster than hybrid at ``per_device`` images per device; both use ``algorithm``."""
+    for n in device_counts(m)[1:]:
+        dp = step_time(net, m, fit, n, per_device, strategy, algorithm=algorithm)["step"]
+        hy = step_time(net, m, fit, n, per_device, "hybrid", algorithm=algorithm)["step"]
         if dp < hy:
             return n
     return None
 
 
-def hybrid_crossover_exposure(
-    net: Net, m: Machine, fit: Fit, lo: int = 16, hi: int = 32, per_device: int = 64
-) -> tuple[float, float]:
-    """The band of exposed fractions ``e`` of data parallelism's gradient exchange for which
-    hybrid is faster at ``lo`` devices and data parallelism faster at ``hi`` (Figure 2a).
+@dataclass(frozen=True)
+class PaperSpeedup:
+    """A speedup over one GPU that the paper states in its text."""
 
-    Hybrid's exchange (FC activations of the global batch plus conv gradients) grows with N and
-    is on the critical path; data parallelism's is about constant beyond a node, of which a
-    fraction ``e`` is exposed. Crossover in ``(lo, hi]`` needs
-    ``hybrid(lo) / dp(lo) < e <= hybrid(hi) / dp(hi)``, comparing exchange seconds.
-    """
-
-    def ratio(n: int) -> float:
-        hybrid = step_time(net, m, fit, n, per_device, "hybrid")["comm"]
-        return hybrid / comm_seconds(net.param_bytes, m, n)
-
-    return ratio(lo), ratio(hi)
+    what: str
+    gpus: int
+    global_batch: int
+    speedup: float
 
 
-def _exposed_share(net: Net, fit: Fit, n: int, strategy: str, per_device: int = 64) -> float:
-    t = step_time(net, MINWA, fit, n, per_device, strategy)
-    return t["exposed"] / t["comm"] if t["comm"] else 0.0
+PAPER_SPEEDUPS = {
+    "fig2b": PaperSpeedup("images/s, Figure 2b (3.3)", 64, 1024, 47.0),
+    "fig3": PaperSpeedup("time to 80% accuracy, Figure 3 (3.3)", 32, 1024, 24.7),
+}
+"""Figure 2b: 47x images/s at 64 GPUs, batch 1024. Figure 3: 24.7x less time to 80% accuracy at
+32 GPUs; read as a throughput speedup it assumes the same number of epochs to 80% at 1 and 32
+GPUs (the same global batch; the paper states none, Figure 2b's largest, 1024, is taken)."""
+
+PAPER_CROSSOVER = (16, 32)
+"""Figure 2a (64 images per GPU): hybrid is faster up to 16 GPUs, data parallelism above."""
+
+PAPER_SYSTEM = {"strategy": "lazy", "algorithm": "butterfly"}
+"""Minwa's data parallelism: lazy update over butterfly synchronisation (paper 3.1)."""
 
 
-def crossover_at_exposure(
-    net: Net, m: Machine, fit: Fit, exposed: float, per_device: int = 64
-) -> int | None:
-    """Smallest device count where data parallelism exposing ``exposed`` of its exchange beats
-    hybrid (the device counts of :func:`crossover`)."""
-    counts = [2, 3, 4] + list(range(8, 257, 4))
-    for n in counts:
-        dp = exposed * comm_seconds(net.param_bytes, m, n)
-        if dp < step_time(net, m, fit, n, per_device, "hybrid")["comm"]:
-            return n
-    return None
+def calibrate(
+    net: Net, m: Machine, points: tuple[str, ...] = ("fig2b",), *, algorithm: str,
+    strategy: str = "lazy",
+) -> Fit:  # fmt: skip
+    """Fit utilisation (the one free parameter) to the named :data:`PAPER_SPEEDUPS`, least
+    squares in log speedup. Speedup falls as utilisation rises (faster compute exposes more
+    exchange), so the error is unimodal; golden-section search on [0.01, 1]."""
 
+    def loss(u: float) -> float:
+        return sum(
+            math.log(
+                speedup(net, m, Fit(u), p.gpus, p.global_batch, strategy, algorithm=algorithm)
+                / p.speedup
+            )
+            ** 2  # fmt: skip
+            for p in (PAPER_SPEEDUPS[k] for k in points)
+        )
 
-def calibrate(net: Net, m: Machine, target: float = 47.0, gpus: int = 64, batch: int = 1024) -> Fit:
-    """Fit utilisation (the one free parameter) so lazy update gives ``target``x at ``gpus``.
-
-    Speedup falls as utilisation rises (faster compute exposes more exchange); bisection.
-    """
     lo, hi = 0.01, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if speedup(net, m, Fit(mid), gpus, batch, "lazy") > target:
-            lo = mid
+    r = (5**0.5 - 1) / 2
+    for _ in range(80):
+        a, b = hi - r * (hi - lo), lo + r * (hi - lo)
+        if loss(a) <= loss(b):
+            hi = b
         else:
-            hi = mid
+            lo = a
     return Fit((lo + hi) / 2)
 
 
+def held_out(
+    net: Net, m: Machine, fit_on: tuple[str, ...] = ("fig2b",), *, algorithm: str,
+    strategy: str = "lazy",
+) -> dict[str, Any]:  # fmt: skip
+    """Fit on ``fit_on``; predict every other paper speedup and Figure 2a's crossover.
+
+    Returns the fit, one row per paper speedup (``fitted`` says whether the fit saw it) with the
+    relative error of the model, and the crossover the model predicts against the paper's band.
+    """
+    fit = calibrate(net, m, fit_on, algorithm=algorithm, strategy=strategy)
+    rows = []
+    for key, p in PAPER_SPEEDUPS.items():
+        s = speedup(net, m, fit, p.gpus, p.global_batch, strategy, algorithm=algorithm)
+        rows.append({"point": key, "what": p.what, "gpus": p.gpus, "batch": p.global_batch,
+                     "paper": p.speedup, "model": s, "error": s / p.speedup - 1,
+                     "fitted": key in fit_on})  # fmt: skip
+    lo, hi = PAPER_CROSSOVER
+    n = crossover(net, m, fit, strategy, algorithm=algorithm)
+    return {"algorithm": algorithm, "strategy": strategy, "fit_on": list(fit_on),
+            "utilisation": fit.utilisation, "speedups": rows,
+            "crossover": {"paper": [lo, hi], "model": n,
+                          "inside": n is not None and lo < n <= hi}}  # fmt: skip
+
+
+GLOO = {
+    "all_reduce": ("all_reduce", "ring"),
+    "reduce_scatter": ("all_reduce", "ring"),
+    "all_gather": ("all_gather", "ring"),
+}
+"""What gloo runs for each collective (bytes each process writes to its sockets, measured in
+tests/parallel/test_scaling.py): a ring all-reduce and all-gather, and for reduce-scatter a
+whole all-reduce, so it sends ``2 (N-1)/N`` of its input, twice a ring reduce-scatter."""
+
+
 def simulate(measured: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Calibrate on the paper, predict an H100 cluster, and check local measurements."""
+    """Fit on the paper's Figure 2b, predict its other figures per algorithm, predict an H100
+    cluster, and check local measurements."""
     net = vgg_net(VGG_A)
-    fit = calibrate(net, MINWA)
+    g = MINWA.gpus_per_node
+    link = {a: traffic("all_reduce", net.param_bytes, 64, g, a).node_link for a in ALGORITHMS}
+    held = [held_out(net, MINWA, ("fig2b",), algorithm=a, strategy=s)
+            for a in ALGORITHMS for s in ("butterfly", "lazy")]  # fmt: skip
+    held += [held_out(net, MINWA, ("fig3",), algorithm=a, strategy="butterfly")
+             for a in ALGORITHMS]  # fmt: skip
+    fit = calibrate(net, MINWA, ("fig2b",), **PAPER_SYSTEM)
     rows = []
     for n in (1, 2, 4, 8, 16, 32, 64):
-        rows.append(
-            {
-                "gpus": n,
-                "minwa_lazy_b1024": speedup(net, MINWA, fit, n, 1024, "lazy"),
-                "minwa_butterfly_b1024": speedup(net, MINWA, fit, n, 1024, "butterfly"),
-                "minwa_lazy_b64pg": step_time(net, MINWA, fit, n, 64, "lazy")["step"],
-                "minwa_butterfly_b64pg": step_time(net, MINWA, fit, n, 64, "butterfly")["step"],
-                "minwa_hybrid_b64pg": step_time(net, MINWA, fit, n, 64, "hybrid")["step"],
-                "h100_lazy_b1024": speedup(net, H100, fit, n, 1024, "lazy"),
-                "h100_butterfly_b1024": speedup(net, H100, fit, n, 1024, "butterfly"),
-                "h100_lazy_b64pg": speedup(net, H100, fit, n, 64 * n, "lazy"),
-            }
-        )
-    model_47 = speedup(net, MINWA, fit, 64, 1024, "lazy")
+        row: dict[str, Any] = {"gpus": n}
+        for a in ("butterfly", "ring"):
+            row[f"minwa_lazy_{a}_b1024"] = speedup(net, MINWA, fit, n, 1024, "lazy", algorithm=a)
+            row[f"minwa_dp_{a}_b64pg"] = step_time(net, MINWA, fit, n, 64, "butterfly",
+                                                   algorithm=a)["step"]  # fmt: skip
+            row[f"minwa_hybrid_{a}_b64pg"] = step_time(net, MINWA, fit, n, 64, "hybrid",
+                                                       algorithm=a)["step"]  # fmt: skip
+        for a in ("ring", "hierarchical"):
+            row[f"h100_ddp_{a}_b1024"] = speedup(net, H100, fit, n, 1024, "ddp", algorithm=a)
+        rows.append(row)
     result: dict[str, Any] = {
         "net": {k: v for k, v in asdict(net).items() if k != "layers"},
         "machine": asdict(MINWA),
         "fit": asdict(fit),
+        "paper_system": PAPER_SYSTEM,
         "overlap": {s: overlap(net, s) for s in ("butterfly", "ddp", "lazy")},
-        "paper": {
-            "speedup_64_gpus_batch_1024": {
-                "paper": 47.0,
-                "model": model_47,
-                "error": model_47 / 47.0 - 1,
-            },
-            "dp_beats_hybrid_from": {
-                "paper": ">16",
-                "model_lazy": crossover(net, MINWA, fit, "lazy"),
-                "model_butterfly": crossover(net, MINWA, fit, "butterfly"),
-                "exposed_band_16_32": list(hybrid_crossover_exposure(net, MINWA, fit)),
-                "exposed_lazy_16": _exposed_share(net, fit, 16, "lazy"),
-            },
-        },
+        "node_link_bytes_64": link,
+        "held_out": held,
         "rows": rows,
     }
     if measured:
@@ -366,9 +491,14 @@ def validate_local(
             "latency_s": LOCAL_LATENCY_S, "rows": out, "mean_abs_error": mae}  # fmt: skip
 
 
+def _cell(r: dict[str, Any]) -> str:
+    mark = "*" if r["fitted"] else " "
+    return f"{r['model']:.1f}x {100 * r['error']:+.0f}%{mark}"
+
+
 def print_simulation(result: dict[str, Any]) -> None:
-    """Print the calibration, the paper points with their error, and the prediction table."""
-    net, fit, paper, m = result["net"], result["fit"], result["paper"], result["machine"]
+    """Print the traffic per algorithm, the held-out errors, and the prediction table."""
+    net, m = result["net"], result["machine"]
     ov = result["overlap"]
     print(f"# scaling model: {net['name']}, {net['param_bytes'] / 1e6:.0f} MB of parameters "
           f"({net['conv_param_bytes'] / 1e6:.0f} MB conv), "
@@ -378,29 +508,39 @@ def print_simulation(result: dict[str, Any]) -> None:
           f"latency {m['latency_s'] * 1e6:.0f} us")  # fmt: skip
     print(f"overlap (from layer order): butterfly {ov['butterfly']:.2f}, ddp {ov['ddp']:.2f}, "
           f"lazy {ov['lazy']:.3f}")  # fmt: skip
+    link = result["node_link_bytes_64"]
+    print("node link per all-reduce of the gradient at 64 GPUs: " + ", ".join(
+        f"{a} {v / 1e9:.2f} GB ({link['butterfly'] / v:.2f}x less than butterfly)"
+        if a in ("ring", "hierarchical") else f"{a} {v / 1e9:.2f} GB"
+        for a, v in link.items()))  # fmt: skip
     lo, hi = UTILISATION_PLAUSIBLE
-    print(f"fitted (one parameter): utilisation {fit['utilisation']:.3f} of peak "
-          f"(plausible for K40m cuDNN-era VGG: {lo:.2f}-{hi:.2f})")  # fmt: skip
-    s = paper["speedup_64_gpus_batch_1024"]
-    c = paper["dp_beats_hybrid_from"]
-    print(f"64 GPUs, batch 1024: paper {s['paper']:.0f}x, model {s['model']:.1f}x "
-          f"(error {100 * s['error']:+.1f}%, the fitted point)")  # fmt: skip
-    print(f"data parallel beats hybrid (64/GPU) from: paper >16 GPUs, model {c['model_lazy']} "
-          f"GPUs with lazy overlap, {c['model_butterfly']} GPUs without (butterfly)")  # fmt: skip
-    e_lo, e_hi = c["exposed_band_16_32"]
-    print(f"hybrid wins up to 16 GPUs and loses from 32 when data parallelism exposes "
-          f"{100 * e_lo:.0f}-{100 * e_hi:.0f}% of its exchange (model at 16 GPUs: lazy "
-          f"{100 * c['exposed_lazy_16']:.0f}%, butterfly 100%)")  # fmt: skip
+    print(f"\nfit: utilisation of K40m peak (plausible {lo:.2f}-{hi:.2f}); '*' = fitted point")
+    print(f"{'algorithm':>12} {'exchange':>9} {'fit on':>6} {'util':>5} "
+          + " ".join(f"{k + ' (paper ' + format(p.speedup, '.1f') + 'x)':>22}"
+                     for k, p in PAPER_SPEEDUPS.items())
+          + f" {'DP beats hybrid from':>20}")  # fmt: skip
+    for h in result["held_out"]:
+        timing = "exposed" if h["strategy"] == "butterfly" else h["strategy"]
+        cells = " ".join(f"{_cell(r):>22}" for r in h["speedups"])
+        c = h["crossover"]
+        print(
+            f"{h['algorithm']:>12} {timing:>9} {','.join(h['fit_on']):>6} "
+            f"{h['utilisation']:5.3f} {cells} {str(c['model']) + ' (paper 17-32)':>20}"
+        )
     print()
-    header = ("gpus", "Minwa lazy", "Minwa bfly", "lazy s/step", "bfly s/step", "hybrid s/step",
-              "H100 lazy", "H100 bfly", "H100 64/GPU")  # fmt: skip
-    print(" ".join(f"{h:>13}" for h in header))
+    header = ("gpus", "lazy bfly", "lazy ring", "dp bfly s", "hyb bfly s", "dp ring s",
+              "hyb ring s", "H100 ring", "H100 hier")  # fmt: skip
+    print(" ".join(f"{h:>11}" for h in header))
     for r in result["rows"]:
-        vals = [r["gpus"], r["minwa_lazy_b1024"], r["minwa_butterfly_b1024"],
-                r["minwa_lazy_b64pg"], r["minwa_butterfly_b64pg"], r["minwa_hybrid_b64pg"],
-                r["h100_lazy_b1024"], r["h100_butterfly_b1024"], r["h100_lazy_b64pg"]]  # fmt: skip
-        print(" ".join(f"{v:>13}" if isinstance(v, int) else f"{v:>13.3f}" for v in vals))
-    print("(speedups at global batch 1024 unless '64/GPU'; step times in seconds at 64/GPU)")
+        vals = [r["gpus"], r["minwa_lazy_butterfly_b1024"], r["minwa_lazy_ring_b1024"],
+                r["minwa_dp_butterfly_b64pg"], r["minwa_hybrid_butterfly_b64pg"],
+                r["minwa_dp_ring_b64pg"], r["minwa_hybrid_ring_b64pg"],
+                r["h100_ddp_ring_b1024"], r["h100_ddp_hierarchical_b1024"]]  # fmt: skip
+        print(" ".join(f"{v:>11}" if isinstance(v, int) else f"{v:>11.3f}" for v in vals))
+    print(
+        "(speedups at global batch 1024 with the fit of lazy update over butterfly; step "
+        "times in seconds at 64 images per GPU, data parallelism with its exchange exposed)"
+    )
     if "local" in result:
         loc = result["local"]
         n_fit, s_fit = loc["fit_on"]

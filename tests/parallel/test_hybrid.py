@@ -274,30 +274,6 @@ def test_bytes_sent_match_the_scaling_model(spawned, world):
             assert report[case]["bytes"] == pytest.approx(report[case]["wire"], rel=1e-9)
 
 
-def test_scaling_model_reproduces_figure_2a_within_its_exposure_band():
-    """Hybrid's exchange grows with N, data parallelism's does not: with the exposed share of
-    data parallelism's exchange inside the band the model derives, hybrid wins at every N up to
-    16 and loses from 32 (paper Figure 2a); lazy (hides all) and butterfly (hides none)
-    bracket the band."""
-    from deepimage.parallel.perf_model import (
-        MINWA,
-        VGG_A,
-        calibrate,
-        crossover,
-        crossover_at_exposure,
-        hybrid_crossover_exposure,
-        vgg_net,
-    )
-
-    net = vgg_net(VGG_A)
-    fit = calibrate(net, MINWA)
-    lo, hi = hybrid_crossover_exposure(net, MINWA, fit)
-    assert 0 < lo < hi < 1
-    n = crossover_at_exposure(net, MINWA, fit, (lo + hi) / 2)
-    assert n is not None and 16 < n <= 32
-    assert crossover(net, MINWA, fit, "lazy") <= 16 < crossover(net, MINWA, fit, "butterfly")
-
-
 def test_hybrid_needs_a_model_with_fc_layers():
     from deepimage.config import ConfigError, resolve_config
 
