@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from deepimage.evaluate.evaluate import evaluate
 from deepimage.inference import posteriors_for, shifted_views
 from deepimage.report import plot_time_to_accuracy, time_to_accuracy
+from deepimage.runmeta import Preprocess
 from deepimage.runs import WEIGHTS, read_weights, save_weights
 from tests.helpers import make_run, write_photo_folder
 
@@ -27,9 +30,9 @@ def test_shift_weights_the_centre_one_half_and_each_shift_one_quarter():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(1), torch.nn.Linear(3 * 6 * 6, 4)).eval()
     images = torch.randint(0, 256, (3, 6, 6, 3), dtype=torch.uint8)
-    mean, std, cpu = (0.5,) * 3, (0.25,) * 3, torch.device("cpu")
-    got = posteriors_for(net, images, 6, mean, std, cpu, tta=["center", "flip", "shift"])
-    centre = posteriors_for(net, images, 6, mean, std, cpu, tta=["center"])
+    pre, cpu = Preprocess(size=6, crop=6, mean=(0.5,) * 3, std=(0.25,) * 3), torch.device("cpu")
+    got = posteriors_for(net, images, pre, cpu, tta=["center", "flip", "shift"])
+    centre = posteriors_for(net, images, pre, cpu, tta=["center"])
     x = (images.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
 
     def p(v):
@@ -47,7 +50,8 @@ def recorded(tmp_path_factory):
     data = write_photo_folder(root / "data", {"a": 4, "b": 3}, size=36)
     run = make_run(root / "run", ["a", "b"], size=40, width=0.0625)
     tensors, meta = read_weights(run)
-    save_weights(run / WEIGHTS, tensors, {**meta, "tta": ["center", "flip", "shift"]})
+    meta = dataclasses.replace(meta, tta=("center", "flip", "shift"))
+    save_weights(run / WEIGHTS, tensors, meta)
     return root, data, run
 
 
