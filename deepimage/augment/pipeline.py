@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
 
 from deepimage.augment.ops import (
     _Normalise,
@@ -43,6 +42,7 @@ from deepimage.augment.params import (
     Vignette,
     sample_params,
 )
+from deepimage.data.loader import worker_empty
 
 TrainAugment = Callable[[torch.Tensor, np.ndarray, int], torch.Tensor]
 
@@ -71,14 +71,6 @@ def _use_count(t: torch.Tensor) -> int:
         return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
     except (AttributeError, RuntimeError):
         return 0
-
-
-def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 tensor in shared memory, as a loader worker's result is sent (as
-    ``default_collate`` does): passing it to the training process copies nothing, and a
-    fresh one per batch, since the previous may still be in use there."""
-    storage = torch.UntypedStorage._new_shared(4 * int(np.prod(shape)))
-    return torch.empty(0, dtype=torch.float32).set_(storage).view(shape)
 
 
 def preset_config(preset: str | AugmentConfig) -> AugmentConfig:
@@ -191,8 +183,10 @@ class Augment:
         """The output buffer of the previous call when nothing refers to it any more, else a
         new one: a fresh (B, C, C, 3) float tensor costs page faults on every batch."""
         shape = (n, self.crop, self.crop, 3)
-        if device.type == "cpu" and get_worker_info() is not None:
-            return _shared_empty(shape)
+        if device.type == "cpu":  # in a loader worker: shared memory, reused once let go
+            buf = worker_empty(shape, torch.float32)
+            if buf is not None:
+                return buf
         if device.type == "cpu" and self._buffer is not None:
             buf, count = self._buffer
             if buf.shape == shape and _use_count(buf) == count:

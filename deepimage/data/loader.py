@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from deepimage.rng import Stream, keyed_uniform, permutation
 
@@ -93,6 +93,95 @@ def input_path(device: torch.device | str, encoding: str, cached: bool) -> Input
     return "worker-augment" if device.type == "cpu" else "worker-decode"
 
 
+class BatchSlots:
+    """Batch buffers in shared memory that loader workers fill and reuse once the training
+    process has let go of them.
+
+    A fresh shared buffer per batch costs a page fault per 4 KiB page, in the worker and
+    again in the training process: on a virtual machine as much time as augmenting the batch.
+    Each worker owns ``per_worker`` slots and a flag per slot, in shared memory, says whether
+    the slot is busy. A worker sets the flag when it takes a free slot; the training process
+    (:func:`iterate_batches`) clears it once nothing there refers to the batch any more: no
+    tensor, view or array on its memory (the memory's use count tells). Neither side ever
+    waits on the other: a worker that finds no free slot takes fresh memory. A slot's memory
+    crosses to the training process once; later batches in it are sent as a
+    :class:`SlotRef` (its shape and strides) and viewed there, mapping no new pages.
+    """
+
+    def __init__(self, workers: int, per_worker: int) -> None:
+        self.busy = torch.zeros((workers, per_worker), dtype=torch.uint8).share_memory_()
+        self.taken = -1  # the slot of the batch being made in this worker, -1 for none
+        self._storages: dict[int, torch.UntypedStorage] = {}  # this worker's slots
+        self._sent: set[int] = set()  # slots whose memory the training process holds
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "taken": -1, "_storages": {}, "_sent": set()}
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A ``shape`` tensor in a free slot of this worker (fresh memory if none is free)."""
+        info = get_worker_info()
+        wid = info.id if info is not None else 0
+        busy = self.busy[wid].numpy()
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        for k in np.flatnonzero(busy == 0).tolist():
+            slot = wid * len(busy) + k
+            storage = self._storages.get(slot)
+            if storage is None or storage.nbytes() < nbytes:
+                storage = self._storages[slot] = torch.UntypedStorage._new_shared(nbytes)
+                self._sent.discard(slot)
+            busy[k] = 1
+            self.taken = slot
+            return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+        return shared_empty(shape, dtype)
+
+    def handed_over(self, images: Any) -> tuple[Any, int]:
+        """What a worker sends for ``images``: a :class:`SlotRef` when they lie in the slot
+        taken for this batch and its memory was sent before, else the tensor itself; and
+        the slot (-1 for none)."""
+        slot, self.taken = self.taken, -1
+        if slot < 0:
+            return images, -1
+        storage = self._storages[slot]
+        if not isinstance(images, torch.Tensor) or images.untyped_storage().data_ptr() != (
+            storage.data_ptr()
+        ):  # the result is elsewhere: the slot is free again
+            self.busy.view(-1)[slot] = 0
+            return images, -1
+        if slot in self._sent:
+            return SlotRef(tuple(images.shape), images.stride(), images.dtype), slot
+        self._sent.add(slot)
+        return images, slot
+
+
+class SlotRef:
+    """A batch in a slot whose memory the training process already holds: its layout."""
+
+    def __init__(self, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype):
+        self.shape, self.stride, self.dtype = shape, stride, dtype
+
+    def view(self, storage: torch.UntypedStorage) -> torch.Tensor:
+        return torch.empty(0, dtype=self.dtype).set_(storage, 0, self.shape, self.stride)
+
+
+def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor in fresh shared memory, as ``default_collate`` makes a worker's batch:
+    handing it to the training process then copies nothing."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+
+
+_slots: BatchSlots | None = None  # the slots of the batch being made in this worker
+
+
+def worker_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor | None:
+    """In a loader worker, a tensor in shared memory for a batch's result (a reused slot
+    under :func:`iterate_batches`); None in the training process, which allocates (and
+    reuses) its own buffers."""
+    if get_worker_info() is None:
+        return None
+    return _slots.empty(shape, dtype) if _slots is not None else shared_empty(shape, dtype)
+
+
 class StoreBatches(Dataset):
     """Dataset whose item ``i`` is a whole batch: (images, labels, rows).
 
@@ -108,37 +197,56 @@ class StoreBatches(Dataset):
         batches: Sequence[np.ndarray],
         transform: BatchTransform | None = None,
         encoded: bool = False,
+        slots: BatchSlots | None = None,
     ):
         self.store_path = str(store_path)
         self.size = size
         self.batches = list(batches)
         self.transform = transform
         self.encoded = encoded
+        self.slots = slots
         self._store = None
         self._buffer: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[Any, torch.Tensor, torch.Tensor, int]:
+        """The batch and, with ``slots``, the slot that holds it (-1 for none)."""
+        global _slots
         from deepimage.data.store import Store
 
         if self._store is None:
             self._store = Store.open(self.store_path)
         rows = np.asarray(self.batches[i])
         labels = torch.from_numpy(np.asarray(self._store.labels)[rows].astype(np.int64))
-        if self.encoded:
-            blobs = self._store.read_encoded(self.size, rows)
-            images: Any = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-        elif self.transform is None:
-            images = torch.from_numpy(self._store.read(self.size, rows))  # CRC-checked, decoded
-        else:  # decoded into a reused buffer: only the transform's result leaves the worker
-            shape = (len(rows), self.size, self.size, 3)
-            if self._buffer is None or self._buffer.shape != shape:
-                self._buffer = np.empty(shape, np.uint8)
-            pixels = self._store.read(self.size, rows, out=self._buffer)
-            images = self.transform(torch.from_numpy(pixels), rows)
-        return images, labels, torch.from_numpy(rows.astype(np.int64))
+        _slots = self.slots
+        try:
+            if self.encoded:
+                blobs = self._store.read_encoded(self.size, rows)
+                images: Any = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+            elif self.transform is None:  # CRC-checked, decoded
+                shape = (len(rows), self.size, self.size, 3)
+                images = worker_empty(shape, torch.uint8)
+                if images is None:
+                    images = torch.from_numpy(self._store.read(self.size, rows))
+                else:
+                    self._store.read(self.size, rows, out=images.numpy())
+            else:  # decoded into a reused buffer: only the transform's result leaves
+                shape = (len(rows), self.size, self.size, 3)
+                if self._buffer is None or self._buffer.shape != shape:
+                    self._buffer = np.empty(shape, np.uint8)
+                pixels = self._store.read(self.size, rows, out=self._buffer)
+                images = self.transform(torch.from_numpy(pixels), rows)
+            slot = -1
+            if self.slots is not None:
+                images, slot = self.slots.handed_over(images)
+        finally:
+            _slots = None
+            if self.slots is not None and self.slots.taken >= 0:  # failed: free it again
+                self.slots.busy.view(-1)[self.slots.taken] = 0
+                self.slots.taken = -1
+        return images, labels, torch.from_numpy(rows.astype(np.int64)), slot
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -186,21 +294,55 @@ def iterate_batches(
     """
     if not batches:
         return iter(())
-    dataset = StoreBatches(store_path, size, batches, transform, encoded)
     workers = min(workers, len(batches))
+    prefetch = 2 if transform is not None else 4
+    # a worker's batches alive at once: those it reads ahead, and the two the consumer may
+    # hold (the one it works on and, while it asks for the next, the one before)
+    slots = BatchSlots(workers, prefetch + 2) if workers and not (encoded or pin_memory) else None
+    dataset = StoreBatches(store_path, size, batches, transform, encoded, slots)
     loader = DataLoader(
         dataset,
         batch_size=None,
         shuffle=False,
         num_workers=workers,
         pin_memory=pin_memory,
-        prefetch_factor=(2 if transform is not None else 4) if workers else None,
+        prefetch_factor=prefetch if workers else None,
         # An explicit generator keeps the loader from drawing on the global RNG, which
         # would otherwise shift dropout masks between runs with different worker counts.
         generator=torch.Generator().manual_seed(0),
         persistent_workers=False,
     )
-    return _one_line_errors(iter(loader))
+    return _recycled(_one_line_errors(iter(loader)), slots)
+
+
+def _recycled(
+    batches: Iterator[tuple[Any, torch.Tensor, torch.Tensor, int]], slots: BatchSlots | None
+) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
+    """Yield the batches without their slots; free a slot once nothing refers to its memory
+    but this generator (see :class:`BatchSlots`)."""
+    busy = slots.busy.view(-1) if slots is not None else None
+    mapped: dict[int, torch.UntypedStorage] = {}  # slot: its memory, kept mapped here
+    held: set[int] = set()  # slots whose batch was yielded and may still be in use
+    for images, labels, rows, slot in batches:
+        if busy is not None and slot >= 0:
+            if isinstance(images, SlotRef):
+                images = images.view(mapped[slot])
+            else:
+                mapped[slot] = images.untyped_storage()
+            held.add(slot)
+        yield images, labels, rows
+        del images
+        for s in [s for s in held if _storage_users(mapped[s]) == 1]:  # this dict's alone
+            held.discard(s)
+            busy[s] = 0
+
+
+def _storage_users(storage: torch.UntypedStorage) -> int:
+    """How many references the memory of ``storage`` has (0 where torch cannot tell)."""
+    try:
+        return int(torch._C._storage_Use_Count(storage._cdata))
+    except (AttributeError, RuntimeError):
+        return 0
 
 
 def decode_batches(

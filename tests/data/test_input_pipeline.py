@@ -121,3 +121,46 @@ def test_the_device_path_decodes_and_augments_on_the_gpu(jpeg_store):
         assert torch.equal(images, cached)  # the cache decodes with the same decoder
         x = augment(images, got.numpy(), 0)
         assert x.device.type == "cuda" and x.shape == (4, 3, 32, 32)
+
+
+@pytest.fixture
+def shared_allocations(monkeypatch):
+    """A counter of the shared-memory buffers that forked loader workers allocate."""
+    import multiprocessing
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("counts allocations in forked workers")
+    count = torch.zeros(1, dtype=torch.int64).share_memory_()
+    new_shared = torch.UntypedStorage._new_shared
+
+    def counting(nbytes, *args, **kwargs):
+        count.add_(1)
+        return new_shared(nbytes, *args, **kwargs)
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", staticmethod(counting))
+    return count
+
+
+@pytest.mark.parametrize("augmented", [True, False])
+def test_workers_reuse_batch_memory_only_once_it_is_let_go(
+    jpeg_store, shared_allocations, augmented
+):
+    augment = augment_of(jpeg_store)
+    transform = augment.for_epoch(1) if augmented else None
+    rows = np.arange(len(jpeg_store))
+    batches = [b for e in range(6) for b in train_batches(rows, 4, seed=0, epoch=e)]
+    expected = [
+        x for x, _, _ in iterate_batches(jpeg_store.path, 40, batches, 0, transform=transform)
+    ]
+    kept = []
+    for i, (x, _, _) in enumerate(
+        iterate_batches(jpeg_store.path, 40, batches, 1, transform=transform)
+    ):
+        assert torch.equal(x, expected[i])
+        if i in (0, 13):
+            kept.append((i, x[1:3], x.numpy()[3]))  # a view and an array keep the memory
+    assert int(shared_allocations) < len(batches) // 2  # the buffers were reused
+    for i, view, array in kept:
+        assert torch.equal(view, expected[i][1:3]) and np.array_equal(array, expected[i][3])
+    every = list(iterate_batches(jpeg_store.path, 40, batches, 2, transform=transform))
+    assert all(torch.equal(x, e) for (x, _, _), e in zip(every, expected, strict=True))
