@@ -259,6 +259,7 @@ class Butterfly(SyncStrategy):
 
     def flush(self) -> None:
         self._settle(list(range(len(self.buckets))))
+        super().flush()  # batch-norm statistics
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.flush()  # a gather still in flight must not overwrite the loaded weights

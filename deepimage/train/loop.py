@@ -490,7 +490,7 @@ class Trainer:
         batches = iterate_batches(
             self.data.train_store.path, cfg.size, np.array_split(chosen, -(-n // 500)), 0
         )
-        mean, std = self.meta["mean"], self.meta["std"]
+        mean, std = self.preprocess.mean, self.preprocess.std
         cpu = torch.device("cpu")
         inputs = (to_model_input(center_crop(images, cfg.crop), mean, std, cpu, False)
                   for images, _labels, _rows in batches)  # fmt: skip

@@ -95,9 +95,15 @@ def test_butterfly_ownership_is_explicit_and_sharded(spawned):
         opt.step()
         opt.zero_grad()
     gathered = load_file(out / "butterfly-accum1-momentum.safetensors")
-    for i, p in enumerate(ref_model.parameters()):
-        ref = opt.state[p]["momentum_buffer"]
-        assert relative_error(gathered[str(i)], ref) <= RTOL
+    refs = [opt.state[p]["momentum_buffer"] for p in ref_model.parameters()]
+    # The whole momentum within RTOL of its largest entry, and each tensor within 10 x RTOL of
+    # its own: a bias whose momentum is a near-cancelling sum of ~1e-6 terms meets 1e-5 of
+    # itself only sometimes (the half-batch gradients round differently), while a wrong
+    # shard, owner or gather is off by O(1).
+    flat = torch.cat([gathered[str(i)].flatten() for i in range(len(refs))])
+    assert relative_error(flat, torch.cat([r.flatten() for r in refs])) <= RTOL
+    for i, ref in enumerate(refs):
+        assert relative_error(gathered[str(i)], ref) <= 10 * RTOL, f"momentum of parameter {i}"
 
 
 def test_lazy_leaves_exchanges_in_flight_after_backward(spawned):

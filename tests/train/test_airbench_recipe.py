@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from deepimage.config import resolve_config
 from deepimage.models.common import WhiteningConv
+from deepimage.parallel.stop_vote import StopVote
 from deepimage.runs import load_state, read_weights
-from deepimage.train import loop
 from deepimage.train.loop import train
 from tests.helpers import TIMINGS, env, max_relative_error, write_noise_folder
 
@@ -79,7 +79,7 @@ def test_the_run_records_its_views_times_and_curve(reference):
     run, inits = reference
     assert inits == 1
     _, meta = read_weights(run)
-    assert meta["tta"] == ["center", "flip", "shift"]
+    assert meta.tta == ("center", "flip", "shift")
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["nesterov"] and saved["augment"] == "airbench"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -108,12 +108,14 @@ def test_stop_and_resume_is_bitwise_exact_without_a_second_whitening(data, refer
     out = root / "stopped"
     calls = {"n": 0}
 
-    def stop_at_step_11(flag: bool) -> bool:  # 7 steps per epoch: mid-epoch 2
+    cast = StopVote.cast
+
+    def stop_at_step_11(vote: StopVote, flag: bool) -> bool:  # 7 steps per epoch: mid-epoch 2
         calls["n"] += 1
-        return flag or calls["n"] == 11
+        return cast(vote, flag or calls["n"] == 11)
 
     with monkeypatch.context() as m:
-        m.setattr(loop.pdist, "any_rank", stop_at_step_11)
+        m.setattr(StopVote, "cast", stop_at_step_11)
         assert train(recipe(folder, out)).get("stopped")
     assert int(load_state(out / "checkpoint.safetensors")["global_step"]) == 11
     with monkeypatch.context() as m:
