@@ -212,16 +212,32 @@ def destroy() -> None:
     _store, _attempt = None, None
 
 
+_BACKEND_MARKS = ("gloo", "nccl", "connection reset", "connection closed", "timed out")
+
+
+def is_backend_error(err: BaseException) -> bool:
+    """Whether ``err`` came from the communication backend (a lost peer, a timeout) rather
+    than from the computation around it; DDP's hooks surface such errors inside backward."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return any(mark in text for mark in _BACKEND_MARKS)
+
+
 @contextlib.contextmanager
-def guard(op: str) -> Iterator[None]:
-    """Re-raise a failed or timed-out collective as :class:`CollectiveError` naming rank and op."""
+def guard(op: str, *, backend_errors_only: bool = False) -> Iterator[None]:
+    """Re-raise a failed or timed-out collective as :class:`CollectiveError` naming rank and op.
+
+    ``backend_errors_only`` leaves other errors as they are: for code that also computes
+    (a backward pass whose hooks exchange gradients), where a RuntimeError may be the
+    model's own."""
     start = time.monotonic()
     try:
         yield
     except CollectiveError:
         raise
     except RuntimeError as err:  # DistBackendError and gloo's timeouts are RuntimeErrors
-        if not is_distributed():
+        if not is_distributed() or (backend_errors_only and not is_backend_error(err)):
             raise
         waited = time.monotonic() - start
         first = str(err).splitlines()[0] if str(err) else type(err).__name__

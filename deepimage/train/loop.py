@@ -531,17 +531,19 @@ class Trainer:
         x = images if augmented else self.augment(images, rows.numpy(), self.epoch)
         if not cfg.channels_last:
             x = x.contiguous()
-        loss_total, logits = forward_backward(
-            self.train_model,
-            x,
-            labels,
-            accum_steps=cfg.accum_steps,
-            precision=cfg.precision,
-            label_smoothing=cfg.label_smoothing,
-            micro_step=self.sync.micro_step,
-            dropout_key=(rows, cfg.seed, self.global_step),
-            scaler=self.scaler,
-        )
+        # the strategy's hooks exchange gradients inside backward: a lost peer surfaces here
+        with pdist.guard("gradient exchange in forward/backward", backend_errors_only=True):
+            loss_total, logits = forward_backward(
+                self.train_model,
+                x,
+                labels,
+                accum_steps=cfg.accum_steps,
+                precision=cfg.precision,
+                label_smoothing=cfg.label_smoothing,
+                micro_step=self.sync.micro_step,
+                dropout_key=(rows, cfg.seed, self.global_step),
+                scaler=self.scaler,
+            )
         if self.scaler is not None:  # fp16 (supports_fp16_scaler): unscale, skip on inf, adapt
             self.scaler.step(self.optimizer)
             self.scaler.update()
