@@ -16,6 +16,7 @@ data-dependent init    :attr:`Stream.DATA_INIT`          (seed, 0) -> :func:`per
 dropout masks          :attr:`Stream.DROPOUT_FC1`, ...   (seed, step, row, unit) ->
                                                          :func:`dropout_keys`, :func:`unit_uniform`
 weight initialisation  torch's global generator          :func:`seed_global` (seed)
+FC layer rows          one key per layer from the above  (key, row) -> :func:`keyed_normal_rows`
 =====================  ================================  ==========================================
 
 The generators differ by stream only for history: each produces, bit for bit, what the run
@@ -164,6 +165,28 @@ def unit_uniform(
     units = hash32(torch.arange(first_unit, first_unit + n_units, device=device, dtype=torch.int64))
     bits = hash32(base[:, None] ^ units[None, :])
     return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+# --- rows of a weight matrix, any slice alone (torch) ----------------------------------------
+
+
+def keyed_normal_rows(key: int, lo: int, hi: int, cols: int, std: float) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of a ``(rows, cols)`` float32 matrix of N(0, std^2) draws.
+
+    Row ``i`` comes from a generator seeded by (key, i) alone, so a process that holds only
+    some rows of a layer (hybrid parallelism) computes exactly those rows of the whole matrix,
+    without ever holding the rest.
+    """
+    out = torch.empty(max(0, hi - lo), cols, device="cpu")
+    if hi <= lo:
+        return out
+    base = _mix(np.array([key & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+    seeds = _mix(base ^ np.arange(lo, hi, dtype=np.uint64))
+    gen = torch.Generator(device="cpu")
+    for i, seed in enumerate(seeds.tolist()):
+        gen.manual_seed(int(seed))
+        out[i].normal_(0.0, std, generator=gen)
+    return out
 
 
 # --- the one use of a global generator --------------------------------------------------------
