@@ -20,6 +20,8 @@ dropout masks          :attr:`Stream.DROPOUT_FC1`,       (step, row, unit) -> :f
 weight initialisation  :attr:`Stream.WEIGHT_INIT`        torch's global generator,
                                                          :func:`seed_global`
 corruptions            :attr:`Stream.CORRUPTION`         (row) -> :func:`row_generators`
+FC layer rows          one key per Linear, drawn by      (key, row) -> :func:`keyed_normal_rows`
+                       weight initialisation
 =====================  ================================  ======================================
 
 (The corruptions of ``evaluate --corrupt`` take their own ``--corrupt-seed`` through the same
@@ -202,6 +204,28 @@ def unit_uniform(
     units = hash32(torch.arange(first_unit, first_unit + n_units, device=device, dtype=torch.int64))
     bits = hash32(base[:, None] ^ units[None, :])
     return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+# --- rows of a weight matrix, any slice alone (torch) ----------------------------------------
+
+
+def keyed_normal_rows(key: int, lo: int, hi: int, cols: int, std: float) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of a ``(rows, cols)`` float32 matrix of N(0, std^2) draws.
+
+    Row ``i`` comes from a generator seeded by (key, i) alone, so a process that holds only
+    some rows of a layer (hybrid parallelism) computes exactly those rows of the whole matrix,
+    without ever holding the rest.
+    """
+    out = torch.empty(max(0, hi - lo), cols, device="cpu")
+    if hi <= lo:
+        return out
+    base = _mix(np.array([key & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+    seeds = _mix(base ^ np.arange(lo, hi, dtype=np.uint64))
+    gen = torch.Generator(device="cpu")
+    for i, seed in enumerate(seeds.tolist()):
+        gen.manual_seed(int(seed))
+        out[i].normal_(0.0, std, generator=gen)
+    return out
 
 
 # --- the one use of a global generator --------------------------------------------------------

@@ -15,14 +15,22 @@ the weights' metadata is a typed :class:`~deepimage.runmeta.RunMeta`. Layout of 
 Every write is atomic (:mod:`deepimage.files`: temporary file, fsync, rename) and the
 previous checkpoint is kept, so a process killed at any instant leaves a loadable state
 behind. Nothing is ever unpickled: tensors go to safetensors and everything else to JSON.
+
+A state may hold tensors cut over processes (hybrid parallelism's FC layers): any value with
+``shape``, ``dtype`` and ``chunks()`` is streamed into the file chunk by chunk, so the writer
+never holds it whole; reading, :func:`load_state` can leave chosen tensors in the file
+(:class:`StoredTensor`) for each process to read only its rows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -45,14 +53,29 @@ META_KEY = "deepimage"
 __all__ = ["CheckpointError", "Run", "RunMeta", "load_model", "read_weights", "save_weights"]
 
 
+class ChunkedTensor(Protocol):
+    """A tensor written chunk by chunk along its first dimension (collective where sharded)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def chunks(self) -> Any: ...
+
+
 # --- nested state <-> (tensors, JSON) -------------------------------------------------------
 
 
-def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Move every tensor of a nested dict/list into ``tensors``; return a JSON-able skeleton."""
-    if isinstance(obj, torch.Tensor):
+def state_key(*path: Any) -> str:
+    """The file key of the tensor at ``state[path[0]][path[1]]...`` (see :func:`save_state`)."""
+    return ".".join(["s", *map(str, path)])
+
+
+def flatten_state(obj: Any, prefix: str, tensors: dict[str, Any]) -> Any:
+    """Move every tensor (or :class:`ChunkedTensor`) of a nested dict/list into ``tensors``;
+    return a JSON-able skeleton."""
+    if isinstance(obj, torch.Tensor) or hasattr(obj, "chunks"):
         key = prefix
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensors[key] = obj.detach() if isinstance(obj, torch.Tensor) else obj
         return {"__tensor__": key}
     if isinstance(obj, dict):
         out = {}
@@ -86,20 +109,116 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def save_state(path: str | Path, state: dict[str, Any], keep_previous: bool = True) -> None:
-    """Save a nested training state (tensors and plain values) atomically as safetensors."""
-    tensors: dict[str, torch.Tensor] = {}
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+           torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+           torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
+
+
+def _order(tensors: dict[str, Any]) -> list[str]:
+    """Widest dtype first, then by name (safetensors' own order: every tensor stays aligned);
+    the same on every process, which streams its chunked tensors in this order."""
+    return sorted(tensors, key=lambda k: (-tensors[k].dtype.itemsize, k))
+
+
+def _write_streamed(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """A safetensors file written tensor by tensor and chunk by chunk."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    keys = _order(tensors)
+    for key in keys:
+        t = tensors[key]
+        nbytes = t.shape.numel() * t.dtype.itemsize
+        header[key] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key in keys:
+            t = tensors[key]
+            for chunk in t.chunks() if hasattr(t, "chunks") else [t]:
+                data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                f.write(memoryview(data.numpy()))
+
+
+def _stream_only(tensors: dict[str, Any]) -> None:
+    """A process that does not write: take part in the chunked tensors' collectives."""
+    for key in _order(tensors):
+        if hasattr(tensors[key], "chunks"):
+            for _ in tensors[key].chunks():
+                pass
+
+
+def _save(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str],
+          keep_previous: bool, write: bool) -> None:  # fmt: skip
+    if not write:
+        _stream_only(tensors)
+    elif any(hasattr(t, "chunks") for t in tensors.values()):
+        atomic_write(path, lambda tmp: _write_streamed(tmp, tensors, metadata), keep_previous)
+    else:
+        plain = {k: v.cpu().contiguous() for k, v in tensors.items()}
+        atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=metadata), keep_previous)
+
+
+def save_state(
+    path: str | Path, state: dict[str, Any], keep_previous: bool = True, *, write: bool = True
+) -> None:
+    """Save a nested training state (tensors and plain values) atomically as safetensors.
+
+    Sharded tensors (:class:`ChunkedTensor`) are streamed: every process calls this, the one
+    with ``write`` writes the file, the others only send their parts.
+    """
+    tensors: dict[str, Any] = {}
     skeleton = flatten_state(state, "s", tensors)
-    metadata = {"state": json.dumps(skeleton)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), keep_previous)
+    _save(path, tensors, {"state": json.dumps(skeleton)}, keep_previous, write)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+class StoredTensor:
+    """A tensor left in its safetensors file: ``shape`` and ``dtype`` known, and ``t[lo:hi]``
+    reads only those rows from the file (the open file, so a later rename does not matter)."""
+
+    def __init__(self, file: Any, key: str, entry: dict[str, Any], data_start: int) -> None:
+        self._file, self.key = file, key
+        self.shape = torch.Size(entry["shape"])
+        self.dtype = {v: k for k, v in _DTYPES.items()}[entry["dtype"]]
+        self._offset = data_start + entry["data_offsets"][0]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        if not isinstance(index, slice) or index.step not in (None, 1) or not self.shape:
+            raise TypeError(f"{self.key}: a stored tensor reads row ranges t[lo:hi] only")
+        lo, hi, _ = index.indices(self.shape[0])
+        hi = max(lo, hi)
+        rest = self.shape[1:]
+        row = rest.numel() * self.dtype.itemsize
+        if hi == lo or row == 0:
+            return torch.empty((hi - lo, *rest), dtype=self.dtype)
+        data = bytearray(os.pread(self._file.fileno(), (hi - lo) * row, self._offset + lo * row))
+        if len(data) != (hi - lo) * row:
+            raise CheckpointError(f"{self._file.name}: {self.key} is cut short")
+        return torch.frombuffer(data, dtype=self.dtype).reshape(hi - lo, *rest)
+
+
+def _read_safetensors(
+    path: Path, lazy: Callable[[str], bool] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
+            if lazy is not None:  # validated by safe_open; the rows are read from our handle
+                file = open(path, "rb")  # noqa: SIM115 - kept open by the stored tensors
+                (size,) = struct.unpack("<Q", file.read(8))
+                header = json.loads(file.read(size))
+                names = [k for k in header if k != "__metadata__"]
+                tensors = {k: StoredTensor(file, k, header[k], 8 + size) if lazy(k)
+                           else f.get_tensor(k) for k in names}  # fmt: skip
+                return tensors, metadata
         return load_file(str(path)), metadata
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
@@ -108,10 +227,14 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise CheckpointError(f"{path}: corrupted or not a safetensors file ({reason})") from None
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
-    """Load a training state written by :func:`save_state`; no unpickling."""
+def load_state(path: str | Path, lazy: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """Load a training state written by :func:`save_state`; no unpickling.
+
+    Tensors whose key (:func:`state_key`) ``lazy`` accepts stay in the file as
+    :class:`StoredTensor`: a process reads only the rows it holds.
+    """
     path = Path(path)
-    tensors, metadata = _read_safetensors(path)
+    tensors, metadata = _read_safetensors(path, lazy)
     if "state" not in metadata:
         raise CheckpointError(f"{path}: not a deepimage checkpoint (no 'state' metadata)")
     try:
@@ -120,36 +243,43 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: corrupted checkpoint metadata ({err})") from None
 
 
-def load_latest_state(run: str | Path) -> dict[str, Any] | None:
-    """The newest readable checkpoint of a run, falling back to the previous one."""
+def load_latest_state(
+    run: str | Path, lazy: Callable[[str], bool] | None = None
+) -> dict[str, Any] | None:
+    """The newest readable checkpoint of a run, falling back to the previous one (``lazy``:
+    see :func:`load_state`)."""
     run = Path(run)
     current, previous = run / CHECKPOINT, run / (CHECKPOINT + ".prev")
     if not current.exists() and not previous.exists():
         return None
     try:
-        return load_state(current)
+        return load_state(current, lazy)
     except CheckpointError as err:
         if not previous.exists():
             raise
         logger.warning("%s; resuming from the previous checkpoint %s", err, previous)
-        return load_state(previous)
+        return load_state(previous, lazy)
 
 
 # --- final weights ------------------------------------------------------------------------
 
 
 def save_weights(
-    path: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], meta: RunMeta
+    path: str | Path,
+    model: torch.nn.Module | dict[str, Any],
+    meta: RunMeta,
+    *,
+    write: bool = True,
 ) -> None:
     """Write weights (a model or its state dict) to safetensors with ``meta`` (model name,
-    classes, preprocessing); next to a run folder's ``model.safetensors`` also ``model.json``."""
+    classes, preprocessing); next to a run folder's ``model.safetensors`` also ``model.json``.
+    Sharded tensors are streamed as in :func:`save_state`."""
     path = Path(path)
     state = model if isinstance(model, dict) else model.state_dict()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tensors = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
     data = meta.to_dict()
-    metadata = {META_KEY: json.dumps(data)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    if path.name == WEIGHTS:
+    _save(path, tensors, {META_KEY: json.dumps(data)}, False, write)
+    if write and path.name == WEIGHTS:
         atomic_write_json(path.with_name(WEIGHTS_JSON), data)
 
 
@@ -259,9 +389,10 @@ class Run:
         return load_model(self.path, device)
 
     def save_weights(
-        self, weights: torch.nn.Module | dict[str, torch.Tensor], meta: RunMeta
+        self, weights: torch.nn.Module | dict[str, Any], meta: RunMeta, *, write: bool = True
     ) -> None:
-        save_weights(self.weights, weights, meta)
+        """The final weights; ``write=False`` on ranks that only stream their rows."""
+        save_weights(self.weights, weights, meta, write=write)
 
     def save_state(self, state: dict[str, Any]) -> None:
         """The full training state, the previous one kept as ``.prev``."""

@@ -94,3 +94,58 @@ def test_run_folder_knows_when_it_holds_a_run_and_names_a_damaged_file(tmp_path)
     with pytest.raises(CheckpointError, match="finetune.json") as info:
         run.read_json("finetune.json")
     assert "\n" not in str(info.value)
+
+
+class _Rows:
+    """A chunked tensor: the rows of ``full`` in blocks, as hybrid ranks stream them."""
+
+    def __init__(self, full: torch.Tensor, block: int) -> None:
+        self.full, self.block = full, block
+        self.shape, self.dtype = full.shape, full.dtype
+
+    def chunks(self):
+        for lo in range(0, self.shape[0], self.block):
+            yield self.full[lo : lo + self.block].clone()
+
+
+def test_a_streamed_state_reads_back_whole_or_row_by_row(tmp_path):
+    """Chunked tensors streamed into the file equal the whole tensors; loaded lazily, a row
+    range is read alone from the file (a tensor of its own size)."""
+    from deepimage.runs import StoredTensor, state_key
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(10, 3, generator=gen)
+    state = {
+        "model": {"fc.weight": _Rows(weight, 4), "fc.bias": torch.arange(10.0)},
+        "optimizer": {"state": {3: {"momentum_buffer": _Rows(weight.to(torch.bfloat16), 3)}}},
+        "flags": torch.tensor([True, False]),
+        "step": 7,
+    }
+    save_state(tmp_path / "c.safetensors", state)
+    back = load_state(tmp_path / "c.safetensors")
+    assert torch.equal(back["model"]["fc.weight"], weight) and back["step"] == 7
+    assert torch.equal(back["optimizer"]["state"][3]["momentum_buffer"], weight.bfloat16())
+    assert torch.equal(back["flags"], state["flags"])
+    lazy = {state_key("model", "fc.weight"), state_key("optimizer", "state", 3, "momentum_buffer")}
+    stored = load_state(tmp_path / "c.safetensors", lambda k: k in lazy)
+    rows = stored["model"]["fc.weight"]
+    assert isinstance(rows, StoredTensor) and rows.shape == (10, 3)
+    part = rows[4:7]
+    assert torch.equal(part, weight[4:7]) and part.untyped_storage().nbytes() == 3 * 3 * 4
+    momentum = stored["optimizer"]["state"][3]["momentum_buffer"][8:10]
+    assert torch.equal(momentum, weight[8:10].bfloat16())
+    assert torch.equal(stored["model"]["fc.bias"], torch.arange(10.0))
+
+
+def test_a_process_that_does_not_write_only_streams(tmp_path):
+    """``write=False`` (the other ranks): every chunked tensor is iterated, nothing written."""
+    seen = []
+
+    class Counting(_Rows):
+        def chunks(self):
+            for chunk in super().chunks():
+                seen.append(len(chunk))
+                yield chunk
+
+    save_state(tmp_path / "c.safetensors", {"w": Counting(torch.ones(5, 2), 2)}, write=False)
+    assert seen == [2, 2, 1] and not (tmp_path / "c.safetensors").exists()

@@ -46,7 +46,7 @@ def _bench_hybrid(args: argparse.Namespace) -> int:
     out = Path(args.out)
     spec = spec_with(model=args.model, width=args.width, image_size=args.image_size,
                      batch_per_rank=args.batch_per_rank, steps=args.steps,
-                     rounds=args.rounds)  # fmt: skip
+                     warmup=args.warmup, rounds=args.rounds, classes=args.classes)  # fmt: skip
     result = bench_hybrid(args.procs, spec, out)
     print_hybrid(result)
     write_json(result, out / "hybrid.json")
@@ -111,6 +111,8 @@ def _add_parallel_benches(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None, help="default 96")
     p.add_argument("--batch-per-rank", type=int, default=None, help="default 16")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
+    p.add_argument("--classes", type=int, default=None, help="default 100")
     p.add_argument("--rounds", type=int, default=None, help="alternating repeats (default 3)")
     p.add_argument("--out", default="bench-hybrid", help="folder for the JSON")
     p = bench.add_parser("simulate", help="scaling model calibrated on the paper's Minwa")

@@ -1,8 +1,10 @@
 """``deepimage bench hybrid``: hybrid (model-data) against pure data parallelism at N = 1, 2, 4.
 
 Both modes train the same model on the same per-rank batch with ddp conv sync, in N gloo
-processes each, and report per rank: the median step time (and its spread), the FC parameter
-and optimizer-state bytes this rank holds, the activations saved for backward (FC part and
+processes each, and report per rank: the median step time (and its spread), the measured peak
+resident memory of the process (``VmHWM``: start-up, model building and the steps included;
+hybrid builds only this rank's FC rows, as training does), the FC parameter and
+optimizer-state bytes this rank holds, the activations saved for backward (FC part and
 total, counted with saved-tensor hooks, each storage once), and the bytes sent per step (ring
 accounting, see :mod:`deepimage.parallel.base`). The bytes each hybrid rank sends are also
 predicted from the layer sizes by :func:`deepimage.parallel.perf_model.hybrid_bytes`, the term the
@@ -53,6 +55,23 @@ class _SavedBytes:
         return t
 
 
+def peak_rss() -> int:
+    """Peak resident bytes of this process: ``VmHWM`` of its address space (Linux; unlike
+    ``ru_maxrss`` it does not count the spawning parent's pages held before ``exec``),
+    else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def _measure(rank: int, world: int, port: int, mode: str, spec: HybridSpec, out: str) -> None:
     """One rank of a ``data`` or ``hybrid`` run; ``compute``: N independent one-process runs
     side by side (the compute time of one rank under the same sharing of the cores)."""
@@ -62,6 +81,7 @@ def _measure(rank: int, world: int, port: int, mode: str, spec: HybridSpec, out:
         rank_env(rank, world, port)
     torch.set_num_threads(1)
     from deepimage.models import get_model
+    from deepimage.models.common import deferred_fc_init
     from deepimage.parallel import dist as pdist
     from deepimage.parallel.base import broadcast_model
     from deepimage.parallel.head import fc_bytes, shard_classifier
@@ -72,11 +92,14 @@ def _measure(rank: int, world: int, port: int, mode: str, spec: HybridSpec, out:
     pdist.init_distributed(torch.device("cpu"), timeout=300)
     world = pdist.world_size()
     torch.manual_seed(0)
-    model = get_model(spec.model, num_classes=spec.classes, image_size=spec.image_size,
-                      width=spec.width)  # fmt: skip
-    broadcast_model(model)
+    with deferred_fc_init(mode == "hybrid"):  # hybrid: this rank's FC rows only, as in training
+        model = get_model(spec.model, num_classes=spec.classes, image_size=spec.image_size,
+                          width=spec.width)  # fmt: skip
     if mode == "hybrid":
         shard_classifier(model)
+        broadcast_model(model.features)
+    else:
+        broadcast_model(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     build = build_hybrid if mode == "hybrid" else build_strategy
     strategy = build("ddp", model, opt)
@@ -136,6 +159,7 @@ def _measure(rank: int, world: int, port: int, mode: str, spec: HybridSpec, out:
         "fc_optimizer_bytes": fc_state_b,
         "param_optimizer_bytes": state_b,
         "activation_bytes": dict(saved.bytes),
+        "peak_rss": peak_rss(),
     }
     Path(f"{out}.{rank}").write_text(json.dumps(result))
     strategy.close()
@@ -214,6 +238,11 @@ def bench_hybrid(procs: list[int], spec: HybridSpec, out_dir: Path) -> dict[str,
             continue
         worst = max(repeats[-1], key=lambda r: r["fc_param_bytes"])
         row = {"procs": n, "mode": mode, **{k: v for k, v in worst.items() if k != "rank"}}
+        # measured peak resident memory per rank (median over rounds), and the worst rank's
+        row["peak_rss_ranks"] = [
+            statistics.median(ranks[r]["peak_rss"] for ranks in repeats) for r in range(n)
+        ]
+        row["peak_rss"] = max(row["peak_rss_ranks"])
         steps = [max(r["step_s"] for r in ranks) for ranks in repeats]
         row["step_s"], row["spread"] = statistics.median(steps), [min(steps), max(steps)]
         row["compute_s"] = compute[n]
@@ -281,11 +310,12 @@ def print_hybrid(result: dict[str, Any]) -> None:
     print(f"machine : {result['machine']}")
     print(f"versions: {result['versions']}")
     head = (f"{'N':>2} {'mode':>6} {'step ms':>8} {'(min-max)':>13} {'vs data':>7} "
-            f"{'compute':>7} {'exch ms':>7} "
-            f"{'FC par MB':>9} {'FC opt MB':>9} {'par+opt MB':>10} {'act FC MB':>9} "
+            f"{'compute':>7} {'exch ms':>7} {'peak RSS MB':>11} {'vs data':>7} "
+            f"{'FC par MB':>9} {'FC opt MB':>9} {'act FC MB':>9} "
             f"{'act all MB':>10} {'sent MB':>8} {'model MB':>8}")  # fmt: skip
     print(head)
     data_step = {r["procs"]: r["step_s"] for r in result["rows"] if r["mode"] == "data"}
+    data_rss = {r["procs"]: r["peak_rss"] for r in result["rows"] if r["mode"] == "data"}
     mb = 1e6
     for r in result["rows"]:
         act = r["activation_bytes"]
@@ -295,9 +325,10 @@ def print_hybrid(result: dict[str, Any]) -> None:
         pred = f"{r['predicted_bytes'] / mb:8.2f}" if "predicted_bytes" in r else f"{'-':>8}"
         print(f"{r['procs']:>2} {r['mode']:>6} {1e3 * r['step_s']:>8.1f} "
               f"{f'({1e3 * lo:.0f}-{1e3 * hi:.0f})':>13} {ratio:>7.2f} "
-              f"{1e3 * r['compute_s']:>7.1f} {exch:>7} "
+              f"{1e3 * r['compute_s']:>7.1f} {exch:>7} {r['peak_rss'] / mb:>11.0f} "
+              f"{r['peak_rss'] / data_rss[r['procs']]:>7.2f} "
               f"{r['fc_param_bytes'] / mb:>9.2f} {r['fc_optimizer_bytes'] / mb:>9.2f} "
-              f"{r['param_optimizer_bytes'] / mb:>10.2f} {act['fc'] / mb:>9.2f} "
+              f"{act['fc'] / mb:>9.2f} "
               f"{(act['fc'] + act['conv']) / mb:>10.2f} "
               f"{r['bytes'] / mb:>8.2f} {pred}")  # fmt: skip
     check = result.get("model")
@@ -317,7 +348,9 @@ def print_hybrid(result: dict[str, Any]) -> None:
                          f" us, {link['bytes_s'] / 1e6:.0f} MB/s)")  # fmt: skip
             print(line)
         print(f"  mean absolute error {100 * check['mean_abs_error']:.0f}%")
-    print("(per rank, worst rank; 'vs data': step time over data parallel's at the same N; "
+    print("(per rank, worst rank; 'vs data': step time, then peak RSS, over data parallel's "
+          "at the same N; 'peak RSS': the process's measured peak resident memory (VmHWM), "
+          "median over rounds; "
           "'compute': ms per step of N independent processes side by side; 'exch': time in "
           "hybrid's activation collectives; "
           "'model MB': bytes sent predicted by the scaling model's hybrid term)")  # fmt: skip

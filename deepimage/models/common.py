@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from deepimage.rng import Stream, active_dropout_keys, unit_uniform
+from deepimage.rng import Stream, active_dropout_keys, keyed_normal_rows, unit_uniform
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -33,24 +34,6 @@ def resolve_dropout(dropout: float | None) -> float:
     return p
 
 
-def fc_head(in_features: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
-    """Paper-style classifier: Flatten, FC-ReLU-Dropout, FC-ReLU-Dropout, FC.
-
-    ``Flatten`` (not ``view``) keeps the head valid for channels-last inputs; the layer layout
-    ``Linear(C*k*k, hidden)`` allows an exact FC-to-conv conversion for dense evaluation.
-    """
-    return nn.Sequential(
-        nn.Flatten(1),
-        nn.Linear(in_features, hidden),
-        nn.ReLU(inplace=True),
-        KeyedDropout(dropout, Stream.DROPOUT_FC1),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(inplace=True),
-        KeyedDropout(dropout, Stream.DROPOUT_FC2),
-        nn.Linear(hidden, num_classes),
-    )
-
-
 _TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
@@ -66,9 +49,61 @@ def split_resnet(model: nn.Module, dropout: float = 0.0) -> tuple[nn.Sequential,
     return features, nn.Sequential(*head)
 
 
+LINEAR_STD = 0.01
+_defer_fc = False
+
+
+@contextlib.contextmanager
+def deferred_fc_init(defer: bool = True) -> Iterator[None]:
+    """Within this block, :func:`init_weights` leaves Linear layers that are still on the meta
+    device there, keyed but without memory: hybrid parallelism then builds each rank's rows
+    alone (:func:`linear_rows`) and no process ever holds a whole FC layer."""
+    global _defer_fc
+    previous, _defer_fc = _defer_fc, defer
+    try:
+        yield
+    finally:
+        _defer_fc = previous
+
+
+def linear_rows(linear: nn.Linear, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows ``[lo, hi)`` of ``linear``'s initial weight and bias (on the CPU), the same values
+    the whole layer has there; ``linear`` must have passed through :func:`init_linear`."""
+    key = getattr(linear, "init_key", None)
+    if key is None:
+        raise ValueError("this Linear layer has no init key: build it through init_weights")
+    weight = keyed_normal_rows(key, lo, hi, linear.in_features, LINEAR_STD)
+    bias = torch.zeros(hi - lo) if linear.bias is not None else None
+    return weight, bias
+
+
+def init_linear(m: nn.Linear) -> None:
+    """N(0, 0.01) weights and zero biases from a key drawn from torch's global generator,
+    row by row (:func:`linear_rows`); a layer on the meta device is moved to the default device
+    first, or left there keyed under :func:`deferred_fc_init`."""
+    m.init_key = int(torch.randint(0, 2**62, (1,), device="cpu"))  # the one global draw
+    if m.weight.is_meta:
+        if _defer_fc:
+            return
+        m.to_empty(device=torch.get_default_device())
+        if m.weight.is_meta:  # built under torch.device("meta"): shapes only
+            return
+    weight, bias = linear_rows(m, 0, m.out_features)
+    with torch.no_grad():
+        m.weight.copy_(weight)
+        if m.bias is not None:
+            m.bias.copy_(bias)
+
+
 def init_weights(module: nn.Module) -> None:
     """torchvision's VGG initialisation: Kaiming-normal (fan_out) convs, N(0, 0.01) linears,
-    unit/zero batch-norm, zero biases."""
+    unit/zero batch-norm, zero biases.
+
+    Convolutions draw from torch's global generator. Each Linear draws one key from it (at
+    construction for :func:`fc_head`'s) and its rows come from that key row by row
+    (:func:`deepimage.rng.keyed_normal_rows`), so any slice of rows can be built alone with
+    exactly the values of the whole layer.
+    """
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -77,9 +112,33 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and not hasattr(m, "init_key"):  # fc_head's are done
+            init_linear(m)
+
+
+def fc_head(in_features: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """Paper-style classifier: Flatten, FC-ReLU-Dropout, FC-ReLU-Dropout, FC.
+
+    ``Flatten`` (not ``view``) keeps the head valid for channels-last inputs; the layer layout
+    ``Linear(C*k*k, hidden)`` allows an exact FC-to-conv conversion for dense evaluation.
+    The Linear layers are built on the meta device and initialised row by row from one key
+    each (:func:`init_linear`); under :func:`deferred_fc_init` they stay there, for hybrid
+    parallelism to build each rank's rows alone.
+    """
+    head = nn.Sequential(
+        nn.Flatten(1),
+        nn.Linear(in_features, hidden, device="meta"),
+        nn.ReLU(inplace=True),
+        KeyedDropout(dropout, Stream.DROPOUT_FC1),
+        nn.Linear(hidden, hidden, device="meta"),
+        nn.ReLU(inplace=True),
+        KeyedDropout(dropout, Stream.DROPOUT_FC2),
+        nn.Linear(hidden, num_classes, device="meta"),
+    )
+    for m in head:
+        if isinstance(m, nn.Linear):
+            init_linear(m)
+    return head
 
 
 def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0, ceil: bool = False) -> int:

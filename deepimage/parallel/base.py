@@ -198,9 +198,15 @@ class SyncStrategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
 
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's full, unsharded weights (collective where the model is sharded)."""
+    def model_state_dict(self) -> dict[str, Any]:
+        """The model's full, unsharded weights; a sharded model's parts as chunked tensors
+        that :func:`deepimage.runs.save_state` streams (collective: every rank saves)."""
         return self.model.state_dict()
+
+    def stored_lazily(self, key: str) -> bool:
+        """Whether the checkpoint tensor ``key`` stays in the file on load, for this rank to
+        read only its part (:func:`deepimage.runs.load_state`); none by default."""
+        return False
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load full, unsharded weights (a sharded model keeps its part)."""

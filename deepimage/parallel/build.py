@@ -16,19 +16,23 @@ from torch import nn
 
 from deepimage.config import TrainConfig
 from deepimage.parallel.base import SyncStrategy, broadcast_model
-from deepimage.parallel.head import shard_classifier
+from deepimage.parallel.head import HybridHead, shard_classifier
 from deepimage.parallel.hybrid import HybridStrategy
 from deepimage.parallel.optim import build_optimizer
 from deepimage.parallel.registry import build_strategy, sync_class
 
 
 def _data(cfg: TrainConfig, model: nn.Module) -> SyncStrategy:
+    broadcast_model(model)
     optimizer = build_optimizer(model, cfg)
     return build_strategy(cfg.sync, model, optimizer, bucket_mb=cfg.bucket_mb)
 
 
 def _hybrid(cfg: TrainConfig, model: nn.Module) -> SyncStrategy:
-    shard_classifier(model)  # this rank keeps 1/N of every FC layer (paper 3.2)
+    if not isinstance(model.classifier, HybridHead):
+        shard_classifier(model)  # this rank keeps 1/N of every FC layer (paper 3.2)
+    # every rank computes the same rows of the FC layers (keyed init, or the same full layer)
+    broadcast_model(model.features)
     optimizer = build_optimizer(model, cfg)
     return HybridStrategy(model, optimizer, cfg.sync, bucket_mb=cfg.bucket_mb)
 
@@ -60,11 +64,10 @@ def strategy_class(cfg: TrainConfig) -> type[SyncStrategy]:
 
 
 def build_sync(cfg: TrainConfig, model: nn.Module) -> SyncStrategy:
-    """Start every rank from rank 0's weights, split the model as ``cfg.parallel`` says,
-    build the optimizer and the ``cfg.sync`` strategy over it.
+    """Start every rank from rank 0's weights (hybrid: the replicated trunk), split the model
+    as ``cfg.parallel`` says (unless already split), build the optimizer and the ``cfg.sync``
+    strategy over it.
 
     The strategy's ``optimizer`` holds the learning rate, ``wrap()`` is the module to train.
     """
-    mode = _mode(cfg)
-    broadcast_model(model)
-    return mode.build(cfg, model)
+    return _mode(cfg).build(cfg, model)

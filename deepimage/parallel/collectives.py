@@ -105,3 +105,40 @@ def gather_columns(
     if len(widths) == 1:
         return x
     return gather_rows(x.t(), widths, rank, stats).t()
+
+
+class RowShards:
+    """A tensor cut by rows over the ranks (rank r holds ``widths[r]`` rows), to be written by
+    rank 0 one rank's rows at a time (:func:`deepimage.runs.save_state` streams it).
+
+    No rank ever holds the whole tensor: :meth:`chunks` yields, on rank 0, rank 0's rows and
+    then each other rank's rows received point to point into a buffer of that rank's size; on
+    the other ranks it yields nothing and sends this rank's rows when their turn comes. Every
+    rank must iterate it, in the same order as the other tensors sharded this way.
+    """
+
+    def __init__(self, local: torch.Tensor, widths: Sequence[int], rank: int) -> None:
+        self.local, self.widths, self.rank = local.detach(), list(widths), rank
+        self.shape = torch.Size([sum(self.widths), *local.shape[1:]])
+        self.dtype = local.dtype
+
+    def chunks(self):
+        """The rows of every rank in order (on rank 0); collective."""
+        if len(self.widths) == 1:
+            yield self.local
+            return
+        device = pdist.comm_device()
+        for src, rows in enumerate(self.widths):
+            if rows == 0:
+                continue
+            if src == 0:
+                if self.rank == 0:
+                    yield self.local
+            elif self.rank == 0:
+                buf = torch.empty((rows, *self.shape[1:]), dtype=self.dtype, device=device)
+                with pdist.guard(f"recv(hybrid rows of rank {src})"):
+                    dist.recv(buf, src=src)
+                yield buf
+            elif self.rank == src:
+                with pdist.guard("send(hybrid rows to rank 0)"):
+                    dist.send(self.local.to(device).contiguous(), dst=0)

@@ -43,16 +43,27 @@ def shard_bounds(n: int, world: int, start: int = 0) -> list[tuple[int, int]]:
 
 
 class ShardedLinear(nn.Linear):
-    """Rows ``[lo, hi)`` of a ``Linear(in_features, full_out)``: this rank's output units."""
+    """Rows ``[lo, hi)`` of a ``Linear(in_features, full_out)``: this rank's output units.
+
+    A ``full`` layer still on the meta device (:func:`~deepimage.models.common.deferred_fc_init`)
+    is never built: the rows are initialised alone, with the values the whole layer has there
+    (:func:`~deepimage.models.common.linear_rows`). Otherwise they are copied from ``full``.
+    """
 
     def __init__(self, full: nn.Linear, lo: int, hi: int, widths: list[int]) -> None:
+        deferred = full.weight.is_meta
+        device = torch.get_default_device() if deferred else full.weight.device
         super().__init__(full.in_features, hi - lo, bias=full.bias is not None,
-                         device=full.weight.device, dtype=full.weight.dtype)  # fmt: skip
+                         device=device, dtype=full.weight.dtype)  # fmt: skip
         self.full_out, self.lo, self.hi, self.widths = full.out_features, lo, hi, widths
+        if deferred and device.type != "meta":
+            weight, bias = common.linear_rows(full, lo, hi)
+        else:
+            weight, bias = full.weight[lo:hi], None if full.bias is None else full.bias[lo:hi]
         with torch.no_grad():
-            self.weight.copy_(full.weight[lo:hi])
+            self.weight.copy_(weight)
             if self.bias is not None:
-                self.bias.copy_(full.bias[lo:hi])
+                self.bias.copy_(bias)
         self.weight.requires_grad_(full.weight.requires_grad)  # frozen layers stay frozen
         if self.bias is not None:
             self.bias.requires_grad_(full.bias.requires_grad)
@@ -160,7 +171,8 @@ def shard_classifier(
 ) -> HybridHead:
     """Replace ``model.classifier`` by this rank's :class:`HybridHead`; return it.
 
-    The full FC layers are dropped, so only 1/N of their parameters stays on this rank.
+    The full FC layers are dropped, so only 1/N of their parameters stays on this rank; built
+    under :func:`~deepimage.models.common.deferred_fc_init`, they never existed.
     """
     rank = pdist.rank() if rank is None else rank
     world = pdist.world_size() if world is None else world

@@ -22,9 +22,14 @@ Dropout masks are keyed by image and unit (:class:`~deepimage.models.common.Keye
 the sharded dropout draws, for the global batch's images, exactly the masks that one process
 draws for the same columns, so the weights do not depend on N.
 
-:class:`HybridStrategy` gathers the FC shards into the full, unsharded weights and optimizer
-state for checkpoints (collective) and cuts them again on load, so a run resumes on any N and
-``RUN/model.safetensors`` loads into a plain one-process model.
+No rank ever holds a whole FC layer. Built under
+:func:`~deepimage.models.common.deferred_fc_init`, the layers get each rank's rows alone, with
+the values the one-process model has there. For checkpoints, :class:`HybridStrategy` hands out
+the FC weights and momentum as :class:`~deepimage.parallel.collectives.RowShards`, which
+:func:`deepimage.runs.save_state` streams to rank 0 one rank's rows at a time into the same
+unsharded file a one-process run writes; on load every rank reads only its rows from the file
+(:meth:`HybridStrategy.stored_lazily`). So a run resumes on any N and ``RUN/model.safetensors``
+loads into a plain one-process model.
 
 The collectives are in :mod:`deepimage.parallel.collectives`, the sharded classifier in
 :mod:`deepimage.parallel.head`; this module holds the strategy.
@@ -40,9 +45,10 @@ from torch import nn
 
 from deepimage.parallel import dist as pdist
 from deepimage.parallel.base import SyncStrategy, sgd_update_
-from deepimage.parallel.collectives import gather_rows_raw
+from deepimage.parallel.collectives import RowShards
 from deepimage.parallel.head import HybridHead, ShardedLinear
 from deepimage.parallel.registry import build_strategy
+from deepimage.runs import state_key
 
 
 class _HybridModule(nn.Module):
@@ -93,6 +99,8 @@ class HybridStrategy(SyncStrategy):
         self.fc_params = [entry for entry in self.sharded if id(entry[2]) in position]
         self.fc_index = [position[id(p)] for _, _, p in self.fc_params]
         self.fc_momentum: list[torch.Tensor | None] = [None] * len(self.fc_params)
+        self._lazy = {state_key("model", name) for name, _, _ in self.sharded}
+        self._lazy_state = {state_key("optimizer", "state", i) for i in self.fc_index}
 
     # training -------------------------------------------------------------------------------
 
@@ -128,23 +136,29 @@ class HybridStrategy(SyncStrategy):
     def close(self) -> None:
         self.inner.close()
 
-    # full, unsharded state ---------------------------------------------------------------
+    # full, unsharded state, never held whole -------------------------------------------
 
-    def _gather(self, shard: torch.Tensor, layer: ShardedLinear, what: str) -> torch.Tensor:
+    def _rows(self, shard: torch.Tensor, layer: ShardedLinear) -> torch.Tensor | RowShards:
         if self.world == 1:
-            return shard.detach().clone()
-        x = shard.detach().to(pdist.comm_device())
-        return gather_rows_raw(x, layer.widths, f"all_gather({what})").to(shard.device)
+            return shard.detach()
+        return RowShards(shard, layer.widths, self.rank)
 
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full model's state dict, FC layers gathered (collective)."""
-        state = self.model.state_dict()
+    def stored_lazily(self, key: str) -> bool:
+        """Whether a checkpoint tensor is one of the FC weights or their optimizer state:
+        each rank reads only its rows of those (see :func:`deepimage.runs.load_state`)."""
+        return key in self._lazy or key.rpartition(".")[0] in self._lazy_state
+
+    def model_state_dict(self) -> dict[str, Any]:
+        """The full model's state dict, the FC layers as :class:`RowShards` (collective when
+        saved)."""
+        state: dict[str, Any] = dict(self.model.state_dict())
         for name, layer, _ in self.sharded:
-            state[name] = self._gather(state[name], layer, "hybrid weights")
+            state[name] = self._rows(state[name], layer)
         return state
 
-    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load full weights, keeping this rank's rows of every FC layer."""
+    def load_model_state_dict(self, state: dict[str, Any]) -> None:
+        """Load full weights (tensors or :class:`~deepimage.runs.StoredTensor`), keeping this
+        rank's rows of every FC layer."""
         state = dict(state)
         for name, layer, _ in self.sharded:
             full = state[name]
@@ -154,7 +168,8 @@ class HybridStrategy(SyncStrategy):
         self.model.load_state_dict(state)
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer state in the full model's format, independent of N (collective)."""
+        """Optimizer state in the full model's format, independent of N, the FC entries as
+        :class:`RowShards` (collective)."""
         state = self.inner.state_dict()
         per_param = dict(state.get("state", {}))
         for i, (_, layer, p) in enumerate(self.fc_params):
@@ -172,14 +187,15 @@ class HybridStrategy(SyncStrategy):
             full = {}
             for key, value in entry.items():
                 if torch.is_tensor(value) and value.shape == p.shape:
-                    full[key] = self._gather(value, layer, "hybrid optimizer state")
+                    full[key] = self._rows(value, layer)
                 else:
                     full[key] = value
             per_param[idx] = full
         return {"state": per_param, "param_groups": state["param_groups"]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a full optimizer state, keeping this rank's rows of every FC entry."""
+        """Load a full optimizer state (tensors or stored), keeping this rank's rows of every
+        FC entry."""
         per_param = dict(state.get("state", {}))
         mine: dict[int, dict[str, Any]] = {}
         for i, (_, layer, p) in enumerate(self.fc_params):
@@ -189,7 +205,7 @@ class HybridStrategy(SyncStrategy):
                 continue
             sliced = {}
             for key, value in entry.items():
-                if torch.is_tensor(value) and value.dim() and value.shape[0] == layer.full_out:
+                if hasattr(value, "shape") and value.dim() and value.shape[0] == layer.full_out:
                     sliced[key] = value[layer.lo : layer.hi].to(p.device, p.dtype).clone()
                 else:
                     sliced[key] = value

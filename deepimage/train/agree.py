@@ -22,7 +22,7 @@ import torch
 from deepimage.data.index import DataError
 from deepimage.data.store import Store
 from deepimage.parallel import dist as pdist
-from deepimage.runs import CheckpointError, flatten_state
+from deepimage.runs import CheckpointError, StoredTensor, flatten_state
 
 
 def store_digest(store: Store) -> str:
@@ -73,17 +73,44 @@ def open_data_everywhere(prepare: Callable[[], Any], source: Any) -> Any:
     return data
 
 
+def _split_state(obj: Any, prefix: str, tensors: dict[str, Any]) -> Any:
+    """:func:`flatten_state` that also takes tensors left in their file (hybrid's rows)."""
+    if isinstance(obj, StoredTensor):
+        tensors[prefix] = obj
+        return {"__stored__": prefix}
+    if isinstance(obj, dict):
+        return {f"{type(k).__name__}:{k}": _split_state(v, f"{prefix}.{k}", tensors)
+                for k, v in obj.items()}  # fmt: skip
+    if isinstance(obj, list | tuple):
+        return [_split_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return flatten_state(obj, prefix, tensors)
+
+
+def _tensor_bytes(t: torch.Tensor | StoredTensor, block_bytes: int = 1 << 24) -> Any:
+    """The bytes of ``t`` in blocks of rows: a stored tensor is never read whole."""
+    if isinstance(t, torch.Tensor):
+        yield t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return
+    row = max(1, t.shape[1:].numel() * t.dtype.itemsize)
+    step = max(1, block_bytes // row)
+    for lo in range(0, t.shape[0] if t.dim() else 0, step):
+        yield t[lo : lo + step].reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def state_digest(state: dict[str, Any] | None) -> str | None:
-    """SHA-256 of a training state (every tensor's bytes and every other value), or None."""
+    """SHA-256 of a training state (every tensor's bytes and every other value), or None.
+
+    Tensors left in the checkpoint file (:class:`~deepimage.runs.StoredTensor`, hybrid's FC
+    layers) are hashed block by block, so no rank holds a whole FC layer to check it."""
     if state is None:
         return None
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = flatten_state(state, "s", tensors)
+    tensors: dict[str, Any] = {}
+    skeleton = _split_state(state, "s", tensors)
     h = hashlib.sha256(json.dumps(skeleton, sort_keys=True).encode())
     for key in sorted(tensors):
-        t = tensors[key].contiguous().reshape(-1)
         h.update(key.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        for chunk in _tensor_bytes(tensors[key]):
+            h.update(chunk)
     return h.hexdigest()
 
 

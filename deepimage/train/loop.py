@@ -48,7 +48,7 @@ from deepimage.files import atomic_write_json, atomic_write_text
 from deepimage.inference import evaluate_batches, resolve_device
 from deepimage.metrics import ClassificationMeter
 from deepimage.models import get_model
-from deepimage.models.common import init_from_data, needs_data_init
+from deepimage.models.common import deferred_fc_init, init_from_data, needs_data_init
 from deepimage.models.transfer import (
     FinetuneReport,
     SourceWeights,
@@ -59,6 +59,7 @@ from deepimage.models.transfer import (
 from deepimage.parallel import dist as pdist
 from deepimage.parallel.base import broadcast_model
 from deepimage.parallel.build import build_sync, strategy_class
+from deepimage.parallel.head import HybridHead, shard_classifier
 from deepimage.parallel.optim import set_lr
 from deepimage.parallel.stop_vote import StopVote
 from deepimage.parallel.sync_bn import convert_sync_batchnorm
@@ -234,16 +235,21 @@ class Trainer:
         self.data = open_data_everywhere(lambda: prepare_data(cfg), cfg.data)
         self.classes = self.data.classes
         self.num_classes = len(self.classes)
-        self.model = get_model(
-            cfg.model,
-            num_classes=self.num_classes,
-            image_size=cfg.crop,
-            width=cfg.width,
-            dropout=cfg.dropout,
-        )
+        finetune = cfg.init_from is not None or cfg.trainable != "all"
+        hybrid = cfg.parallel == "hybrid"
+        with deferred_fc_init(hybrid and not finetune):  # hybrid: never a whole FC layer
+            self.model = get_model(
+                cfg.model,
+                num_classes=self.num_classes,
+                image_size=cfg.crop,
+                width=cfg.width,
+                dropout=cfg.dropout,
+            )
         self.finetune_report = None  # fine-tuning: start weights and frozen layers
-        if cfg.init_from is not None or cfg.trainable != "all":
+        if finetune:
             self.finetune_report = start_model(self.model, cfg, self.classes)
+        if hybrid:
+            shard_classifier(self.model)  # this rank's rows of every FC layer, built alone
         self.model.to(self.device)
         self.execution = self._choose_execution()
         cfg = self.cfg = dataclasses.replace(
@@ -300,12 +306,17 @@ class Trainer:
         """Resolve ``auto`` precision and layout; rank 0 decides (it may probe) for all."""
         cfg = self.cfg
         choice = None
+        probe = self.model
+        if isinstance(getattr(self.model, "classifier", None), HybridHead):  # collective head
+            probe = torch.nn.Sequential(
+                self.model.features, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1)
+            )
         if self.rank == 0:
             choice = resolve_execution(
                 cfg.precision,
                 cfg.channels_last,
                 self.device,
-                self.model,
+                probe,
                 f"{cfg.model}@{cfg.width:g}",
                 cfg.crop,
                 Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
@@ -416,9 +427,8 @@ class Trainer:
         restore_cuda_rng(state["rng"].get("cuda"), self.device)
 
     def save_checkpoint(self) -> None:
-        state = self.state()
-        if self.rank == 0:
-            save_state(self.run / CHECKPOINT, state)
+        state = self.state()  # sharded parts stream to rank 0, which writes
+        save_state(self.run / CHECKPOINT, state, write=self.rank == 0)
 
     def _reduce_epoch_stats(self) -> None:
         """Sum the epoch's statistics over ranks; afterwards every rank holds the totals."""
@@ -449,7 +459,8 @@ class Trainer:
         if self.rank == 0:
             self.run.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run / "config.yaml", comment=self.execution.describe())
-        state = load_latest_state(self.run) if resume else None
+        lazy = self.sync.stored_lazily  # sharded tensors: each rank reads only its rows
+        state = load_latest_state(self.run, lazy) if resume else None
         check_same_state(state, self.run)
         if state is not None:
             self.load(state)
@@ -707,9 +718,8 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         self.sync.flush()
-        weights = self.sync.model_state_dict()  # full, unsharded (collective)
-        if self.rank == 0:
-            Run(self.run).save_weights(weights, self.meta)
+        weights = self.sync.model_state_dict()  # full, unsharded; sharded parts stream
+        Run(self.run).save_weights(weights, self.meta, write=self.rank == 0)
         last = self.history[-1] if self.history else {}
         summary = {
             "model": self.cfg.model,

@@ -159,7 +159,13 @@ def max_relative_error(
     got: Mapping[str, torch.Tensor] | Path, ref: Mapping[str, torch.Tensor] | Path
 ) -> float:
     """The largest :func:`relative_error` over the floating-point tensors of two state dicts
-    (or run folders' ``model.safetensors``); the other tensors must be equal."""
+    (or run folders' ``model.safetensors``); the other tensors must be equal.
+
+    A bias is measured against its layer's scale, the larger of its own and its weight's
+    largest magnitude: biases start at zero and their gradient sums a whole batch's positions
+    that nearly cancel, so after a few steps an early conv bias can be 5e-6 in size, and the
+    same 1e-8 that fp32 summation order leaves on the weights (a ten-millionth of their scale)
+    would read as 2e-3 of the bias alone."""
     from safetensors.torch import load_file
 
     if isinstance(got, Path):
@@ -170,7 +176,12 @@ def max_relative_error(
     worst = 0.0
     for key, value in ref.items():
         if value.is_floating_point():
-            worst = max(worst, relative_error(got[key], value))
+            scale = value.double().abs().max()
+            weight = ref.get(key[: -len("bias")] + "weight") if key.endswith("bias") else None
+            if weight is not None:
+                scale = max(scale, weight.double().abs().max())
+            err = (got[key].double() - value.double()).abs().max() / scale.clamp(min=1e-12)
+            worst = max(worst, float(err))
         else:
             assert torch.equal(got[key], value), f"{key} differs"
     return worst

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from deepimage.parallel.head import fc_bytes, shard_bounds, shard_classifier
 from deepimage.parallel.hybrid import HybridStrategy
@@ -77,6 +77,13 @@ def _checkpoint(strategy: HybridStrategy) -> dict:
     return {"model": strategy.model_state_dict(), "optimizer": strategy.state_dict()}
 
 
+def _save_weights(strategy: HybridStrategy, path: Path) -> None:
+    """The full weights, streamed to rank 0 as the training run writes them (collective)."""
+    from deepimage.parallel import dist as pdist
+
+    save_state(path, {"model": strategy.model_state_dict()}, write=pdist.rank() == 0)
+
+
 def run_hybrid(rank: int, world: int, port: int, out: str, resume_from: str) -> None:
     """Every case for STEPS steps; then resume a checkpoint written at another world size."""
     from deepimage.parallel import dist as pdist
@@ -91,11 +98,11 @@ def run_hybrid(rank: int, world: int, port: int, out: str, resume_from: str) -> 
         model, strategy = _hybrid(sync)
         wire.take()
         identical = _train(strategy, range(RESUME_AT), accum, wire)
-        state = _checkpoint(strategy)  # collective: every rank gathers
-        if rank == 0 and case == "ddp-accum1":
-            save_state(out_dir / "checkpoint.safetensors", state)
+        state = _checkpoint(strategy)
+        if case == "ddp-accum1":  # collective: the FC rows stream to rank 0
+            save_state(out_dir / "checkpoint.safetensors", state, write=rank == 0)
         identical += _train(strategy, range(RESUME_AT, workers.STEPS), accum, wire)
-        full = strategy.model_state_dict()
+        _save_weights(strategy, out_dir / f"{case}.safetensors")
         report[case] = {
             "identical": identical,
             "fc_bytes": fc_bytes(strategy.head),
@@ -103,21 +110,14 @@ def run_hybrid(rank: int, world: int, port: int, out: str, resume_from: str) -> 
             "bytes": strategy.stats.bytes_sent,
             "wire": wire.take(),
         }
-        if rank == 0:
-            save_file(
-                {k: v.contiguous() for k, v in full.items()}, str(out_dir / f"{case}.safetensors")
-            )
         strategy.close()
     for sync in ("ddp", "butterfly"):  # resume the other world size's checkpoint
         model, strategy = _hybrid(sync)
-        state = load_state(resume_from)
+        state = load_state(resume_from, strategy.stored_lazily)  # this rank's rows only
         strategy.load_model_state_dict(state["model"])
         strategy.load_state_dict(state["optimizer"])
         _train(strategy, range(RESUME_AT, workers.STEPS))
-        full = strategy.model_state_dict()
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in full.items()},
-                      str(out_dir / f"resumed-{sync}.safetensors"))  # fmt: skip
+        _save_weights(strategy, out_dir / f"resumed-{sync}.safetensors")
         strategy.close()
     (out_dir / f"report-{rank}.json").write_text(json.dumps(report))
     pdist.barrier()
@@ -159,7 +159,7 @@ def spawned(tmp_path_factory, one_process_checkpoint):
 @pytest.mark.parametrize("case", [f"{s}-accum{a}" for s, a in CASES])
 def test_same_weights_as_one_process(spawned, reference, world, case):
     out, reports = spawned[world]
-    err = max_relative_error(load_file(out / f"{case}.safetensors"), reference)
+    err = max_relative_error(load_state(out / f"{case}.safetensors")["model"], reference)
     assert err <= RTOL, f"hybrid {case} at N={world}: off by {err:.2e} (relative)"
     for rank, report in enumerate(reports):
         assert all(report[case]["identical"]), f"{case}: trunks differ (rank {rank})"
@@ -186,14 +186,14 @@ def test_fc_parameters_and_optimizer_state_split_evenly(spawned, world):
 @pytest.mark.parametrize("sync", ["ddp", "butterfly"])
 def test_resume_on_another_world_size(spawned, reference, world, sync):
     out, _ = spawned[world]
-    err = max_relative_error(load_file(out / f"resumed-{sync}.safetensors"), reference)
+    err = max_relative_error(load_state(out / f"resumed-{sync}.safetensors")["model"], reference)
     assert err <= RTOL, f"resumed at N={world} ({sync}): off by {err:.2e}"
 
 
 def test_one_process_hybrid_equals_plain_training(reference):
     _, strategy = _hybrid("ddp")
     _train(strategy, range(workers.STEPS))
-    assert max_relative_error(strategy.model_state_dict(), reference) <= RTOL
+    assert max_relative_error(strategy.model_state_dict(), reference) <= RTOL  # N=1: tensors
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
@@ -291,3 +291,16 @@ def test_frozen_fc_layers_stay_frozen_and_are_still_saved():
     strategy = HybridStrategy(model, opt, "ddp")
     assert "classifier.1.weight" not in [n for n, _, _ in strategy.fc_params]
     assert "classifier.1.weight" in [n for n, _, _ in strategy.sharded]
+
+
+def test_bench_peak_rss_is_the_measured_high_water_mark():
+    """``bench hybrid`` reports the process's measured peak resident memory: 200 MB of plain
+    bytes (no tensor), touched and freed again, still count."""
+    import subprocess
+    import sys
+
+    code = ("from deepimage.bench.hybrid import peak_rss; a = peak_rss(); "
+            "b = bytearray(200 * 2**20); del b; print(a, peak_rss())")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    before, after = map(int, out.stdout.split())
+    assert after - before >= 180 * 2**20
