@@ -86,15 +86,14 @@ def _split_state(obj: Any, prefix: str, tensors: dict[str, Any]) -> Any:
     return flatten_state(obj, prefix, tensors)
 
 
-def _tensor_bytes(t: torch.Tensor | StoredTensor, block_bytes: int = 1 << 24) -> Any:
-    """The bytes of ``t`` in blocks of rows: a stored tensor is never read whole."""
+def _tensor_bytes(t: torch.Tensor | StoredTensor) -> Any:
+    """The bytes of ``t``; a stored tensor row by row, so that no rank ever holds more than
+    one row of an FC layer it does not own (hybrid's promise) to check it."""
     if isinstance(t, torch.Tensor):
         yield t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         return
-    row = max(1, t.shape[1:].numel() * t.dtype.itemsize)
-    step = max(1, block_bytes // row)
-    for lo in range(0, t.shape[0] if t.dim() else 0, step):
-        yield t[lo : lo + step].reshape(-1).view(torch.uint8).numpy().tobytes()
+    for lo in range(t.shape[0] if t.dim() else 0):
+        yield t[lo : lo + 1].reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def state_digest(state: dict[str, Any] | None) -> str | None:

@@ -22,9 +22,9 @@ def test_a_state_with_rows_left_in_the_file_has_a_digest_that_sees_every_row(tmp
     assert agree.state_digest(a) == agree.state_digest(b) != agree.state_digest(c)
 
 
-def test_a_stored_tensor_is_hashed_in_blocks_of_rows(tmp_path):
+def test_a_stored_tensor_is_hashed_row_by_row(tmp_path):
     state = _stored(tmp_path / "a.safetensors", torch.randn(10, 4))
     stored = state["model"]["fc.weight"]
-    blocks = list(agree._tensor_bytes(stored, block_bytes=2 * 4 * 4))  # two rows at a time
-    assert [len(b) for b in blocks] == [32] * 5
+    blocks = list(agree._tensor_bytes(stored))  # never more than one row of 4 floats
+    assert [len(b) for b in blocks] == [16] * 10
     assert b"".join(blocks) == stored[0:10].numpy().tobytes()
