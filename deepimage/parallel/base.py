@@ -124,6 +124,9 @@ class SyncStrategy:
     collective_forward = False
     """True when the trained model's forward is collective: every rank must run it equally
     often, so evaluation gives every rank the same number of batches."""
+    shards_fc_layers = False
+    """True when each rank holds only its rows of the FC layers: the model is then built
+    with its FC layers deferred (never whole on any rank) and sharded by the strategy."""
     supports_fp16_scaler = False
     """True when a ``torch.amp.GradScaler`` can unscale the gradients and step the optimizer
     in place of :meth:`step`: what fp16 training needs. Strategies that apply the update

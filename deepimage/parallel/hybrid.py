@@ -71,6 +71,7 @@ class HybridStrategy(SyncStrategy):
     """
 
     name = "hybrid"
+    shards_fc_layers = True
     collective_forward = True  # the sharded head gathers across ranks
 
     def __init__(

@@ -236,8 +236,8 @@ class Trainer:
         self.classes = self.data.classes
         self.num_classes = len(self.classes)
         finetune = cfg.init_from is not None or cfg.trainable != "all"
-        hybrid = cfg.parallel == "hybrid"
-        with deferred_fc_init(hybrid and not finetune):  # hybrid: never a whole FC layer
+        sharded_fc = strategy_class(cfg).shards_fc_layers  # hybrid: never a whole FC layer
+        with deferred_fc_init(sharded_fc and not finetune):
             self.model = get_model(
                 cfg.model,
                 num_classes=self.num_classes,
@@ -248,7 +248,7 @@ class Trainer:
         self.finetune_report = None  # fine-tuning: start weights and frozen layers
         if finetune:
             self.finetune_report = start_model(self.model, cfg, self.classes)
-        if hybrid:
+        if sharded_fc:
             shard_classifier(self.model)  # this rank's rows of every FC layer, built alone
         self.model.to(self.device)
         self.execution = self._choose_execution()

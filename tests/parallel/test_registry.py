@@ -157,3 +157,15 @@ def test_strategy_class_is_what_build_sync_builds(parallel: str, sync: str) -> N
     else:
         with pytest.raises(config.ConfigError, match="precision"):
             fp16.validate()
+
+
+@pytest.mark.parametrize("parallel", list(PARALLELS))
+def test_a_strategy_says_whether_it_shards_the_fc_layers_before_it_is_built(parallel: str):
+    """The loop builds the FC layers deferred, never whole, exactly when the strategy that
+    build_sync will make holds only this rank's rows of them."""
+    from deepimage.parallel.head import HybridHead
+
+    model, cfg = _tiny(parallel, "ddp")
+    strategy = build_sync(cfg, model)
+    assert strategy_class(cfg).shards_fc_layers == isinstance(model.classifier, HybridHead)
+    strategy.close()
