@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from deepimage.augment.pipeline import build_train_augment
+from deepimage.bench import report
 from deepimage.bench.report import header, spread
 from deepimage.data.decode import open_image
 
@@ -289,8 +290,7 @@ def run(data: str, size: int, crop: int = 224, repeats: int = 5, limit: int | No
         print(f"  {name:<42}: {spread(values)} images/s")
 
     def ratio(a: str, b: str) -> str:
-        per = [x / y for x, y in zip(rates[a], rates[b])]
-        return f"{med[a] / med[b]:.2f}x (per repeat {min(per):.2f}-{max(per):.2f}x)"
+        return report.ratio(rates, a, b)[1]
 
     dec = "decode only (Pillow, deepimage's decoder)"
     print()

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deepimage.augment.params import AugmentConfig
 from deepimage.augment.pipeline import build_train_augment, preset_config
+from deepimage.bench import report
 from deepimage.bench.augment import user_vignette
 from deepimage.bench.report import header, spread
 from deepimage.data.loader import iterate_batches, train_batches
@@ -208,10 +209,9 @@ def run(
         print(f"  {name:<16}: {spread(values)} images/s")
 
     def ratio(a: str, b: str) -> float:
-        per = [x / y for x, y in zip(rates[a], rates[b])]
-        print(f"  {f'{a} / {b}':<34}: {med[a] / med[b]:.2f}x "
-              f"(per repeat {min(per):.2f}-{max(per):.2f}x)")  # fmt: skip
-        return med[a] / med[b]
+        value, text = report.ratio(rates, a, b)
+        print(f"  {f'{a} / {b}':<34}: {text}")
+        return value
 
     print()
     result: dict[str, Any] = {

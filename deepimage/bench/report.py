@@ -51,6 +51,14 @@ def spread(values: list[float]) -> str:
     )
 
 
+def ratio(rates: dict[str, list[float]], a: str, b: str) -> tuple[float, str]:
+    """The ratio of two paths' median rates, and as text with its spread over the repeats
+    (each repeat's paths ran together): '2.31x (per repeat 2.10-2.52x)'."""
+    median = statistics.median(rates[a]) / statistics.median(rates[b])
+    per = [x / y for x, y in zip(rates[a], rates[b], strict=True)]
+    return median, f"{median:.2f}x (per repeat {min(per):.2f}-{max(per):.2f}x)"
+
+
 def cpu_line() -> str:
     """CPU model and the flags that decide which precision is fast (avx2, avx512f,
     avx512_bf16, amx), and whether bf16 is native here."""

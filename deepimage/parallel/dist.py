@@ -294,13 +294,6 @@ def all_reduce_scalars(values: Sequence[float], op: str = "all_reduce(scalars)")
     return t.tolist()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (e.g. a stop request)."""
-    if world_size() <= 1:
-        return flag
-    return all_reduce_scalars([float(flag)], op="all_reduce(stop flag)")[0] > 0
-
-
 def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0, op: str = "broadcast") -> None:
     """Copy ``tensors`` from rank ``src`` to every rank, in place."""
     if world_size() <= 1:

@@ -121,20 +121,28 @@ def worker_pids(parent: int) -> dict[int, int]:
     return found
 
 
-def test_sigkill_one_worker_restarts_and_ends_identical(runs):
-    root, data, cache = runs
-    out = root / "killed"
-    cmd = torchrun("--max-restarts", "1", *module_cmd(train_cmd(data, out, cache, *FLAGS)))
+def signal_rank_1(cmd: list[str], out, step: int, sig: int) -> subprocess.Popen:
+    """Start ``cmd`` (torchrun, 2 workers) and send ``sig`` to rank 1 once a checkpoint at
+    ``step`` or later exists; return the running torchrun."""
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     wait_until(
-        lambda: load_state(out / "checkpoint.safetensors")["global_step"] >= 5,
+        lambda: load_state(out / "checkpoint.safetensors")["global_step"] >= step,
         120,
-        "a checkpoint at step 5",
+        f"a checkpoint at step {step}",
         alive=lambda: proc.poll() is None,
     )
     pids = worker_pids(proc.pid)
     assert set(pids) == {0, 1}
-    os.kill(pids[1], signal.SIGKILL)  # rank 1 dies in the middle of epoch 1 (8 steps)
+    os.kill(pids[1], sig)
+    return proc
+
+
+def test_sigkill_one_worker_restarts_and_ends_identical(runs):
+    root, data, cache = runs
+    out = root / "killed"
+    cmd = torchrun("--max-restarts", "1", *module_cmd(train_cmd(data, out, cache, *FLAGS)))
+    # rank 1 dies in the middle of epoch 1 (8 steps)
+    proc = signal_rank_1(cmd, out, 5, signal.SIGKILL)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output.decode()[-3000:]
     assert b"CollectiveError: rank 0 of 2" in output  # the survivor names itself and the op
@@ -157,16 +165,7 @@ def test_sigterm_to_one_worker_stops_both_at_one_step_and_resumes_identical(runs
     root, data, cache = runs
     out = root / "sigterm"
     cmd = torchrun(*module_cmd(train_cmd(data, out, cache, *FLAGS, "--dist-timeout", "60")))
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    wait_until(
-        lambda: load_state(out / "checkpoint.safetensors")["global_step"] >= 3,
-        120,
-        "a checkpoint at step 3",
-        alive=lambda: proc.poll() is None,
-    )
-    pids = worker_pids(proc.pid)
-    assert set(pids) == {0, 1}
-    os.kill(pids[1], signal.SIGTERM)
+    proc = signal_rank_1(cmd, out, 3, signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     text = output.decode()
     assert proc.returncode != 0, text[-3000:]  # torchrun reports the workers' exit 130
