@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from deepimage.parallel import dist as pdist
-from deepimage.parallel.base import SyncStrategy, ring_bytes, sgd_update_
+from deepimage.parallel.base import SyncStrategy, ring_bytes, sgd_update_many_
 from deepimage.parallel.collectives import all_gather_into, reduce_scatter_into
 
 
@@ -226,7 +226,9 @@ class Butterfly(SyncStrategy):
                 start, stop = b.owned(self.rank)
                 flat = self._flat(b, grads=False)
                 mine = flat[start:stop]
-                self.momentum[b.index] = sgd_update_(mine, out, self.momentum[b.index], **hyper)
+                self.momentum[b.index] = sgd_update_many_(
+                    [mine], [out], [self.momentum[b.index]], **hyper
+                )[0]
                 part = mine.clone()
                 work = None
                 if n > 1:

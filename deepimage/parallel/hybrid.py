@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from deepimage.parallel import dist as pdist
-from deepimage.parallel.base import SyncStrategy, sgd_update_
+from deepimage.parallel.base import SyncStrategy, sgd_update_many_
 from deepimage.parallel.collectives import RowShards
 from deepimage.parallel.head import HybridHead, ShardedLinear
 from deepimage.parallel.registry import build_strategy
@@ -121,10 +121,13 @@ class HybridStrategy(SyncStrategy):
         self.inner.step()  # ddp: the optimizer updates trunk and shards; otherwise the trunk
         if self.inner.steps_optimizer:
             return
-        hyper = self.hyper
-        for i, (_, _, p) in enumerate(self.fc_params):
-            if p.grad is not None:
-                self.fc_momentum[i] = sgd_update_(p, p.grad, self.fc_momentum[i], **hyper)
+        idx = [i for i, (_, _, p) in enumerate(self.fc_params) if p.grad is not None]
+        params = [self.fc_params[i][2] for i in idx]
+        bufs = sgd_update_many_(
+            params, [p.grad for p in params], [self.fc_momentum[i] for i in idx], **self.hyper
+        )
+        for i, buf in zip(idx, bufs):
+            self.fc_momentum[i] = buf
 
     def zero_grad(self) -> None:
         self.inner.zero_grad()

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deepimage.parallel import dist as pdist
-from deepimage.parallel.base import SyncStrategy, ring_bytes, sgd_update_
+from deepimage.parallel.base import SyncStrategy, ring_bytes, sgd_update_many_
 
 
 @dataclass
@@ -132,12 +132,15 @@ class LazyUpdate(SyncStrategy):
         pdist.wait(work, "all_reduce(lazy)")
         if self.world > 1:
             flat.div_(self.world)
-        offset = 0
+        params, grads, offset = [], [], 0
         for i in layer.params:
             p = self.params[i]
-            g = flat[offset : offset + p.numel()].view(p.shape).to(p.device)
+            params.append(p)
+            grads.append(flat[offset : offset + p.numel()].view(p.shape).to(p.device))
             offset += p.numel()
-            self.momentum[i] = sgd_update_(p, g, self.momentum[i], **hyper)
+        bufs = sgd_update_many_(params, grads, [self.momentum[i] for i in layer.params], **hyper)
+        for i, buf in zip(layer.params, bufs):
+            self.momentum[i] = buf
         self.stats.blocking_s += time.perf_counter() - start
 
     def step(self) -> None:

@@ -20,10 +20,52 @@ from torch import nn
 
 from deepimage.config import TrainConfig
 from deepimage.models.common import WhiteningConv
+from deepimage.precision import needs_grad_scaler
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 ParamGroups = list[dict[str, Any]]
+
+
+def fused_sgd_supported(tensors: list[torch.Tensor]) -> bool:
+    """Whether PyTorch's fused SGD kernel (one pass per tensor: decay, momentum and update
+    together) runs on ``tensors``: floating point, on a device type it has a kernel for."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    return all(t.device.type in devices and torch.is_floating_point(t) for t in tensors)
+
+
+def in_layout_of(param: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``param``'s memory layout (a copy only where the strides differ).
+
+    PyTorch's fused optimizer kernels on CPU walk every tensor of a parameter in memory order
+    and assume one layout for all (torch 2.14): a channels_last weight with a contiguous
+    momentum buffer (as ``load_state_dict`` restores it) or gradient updates wrong elements."""
+    return t if t.stride() == param.stride() else torch.empty_like(param).copy_(t)
+
+
+def _layouts_of_params(optimizer: torch.optim.Optimizer, *_: object) -> None:
+    """Step pre-hook of a fused optimizer: gradients and state in each parameter's layout."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.stride() != p.stride():
+                p.grad = in_layout_of(p, p.grad)
+            state = optimizer.state.get(p)
+            for key, value in (state or {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.dim():
+                    state[key] = in_layout_of(p, value)
+
+
+def _kernel(params: ParamGroups, cfg: TrainConfig) -> dict[str, bool]:
+    """``fused=True`` where PyTorch has a fused kernel for every parameter's device (CPU and
+    CUDA do: one pass per tensor, about 5x faster than ``foreach`` for SGD on CPU, the same
+    arithmetic), else ``foreach=True``. Not under fp16's gradient scaler: the fused step it
+    skips on inf leaves a first step's momentum buffers unwritten (torch 2.14)."""
+    tensors = [p for group in params for p in group["params"]]
+    if needs_grad_scaler(cfg.precision) or not fused_sgd_supported(tensors):
+        return {"foreach": True}
+    return {"fused": True}
 
 
 def _sgd(params: ParamGroups, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -33,13 +75,13 @@ def _sgd(params: ParamGroups, cfg: TrainConfig) -> torch.optim.Optimizer:
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         nesterov=cfg.nesterov,
-        foreach=True,
+        **_kernel(params, cfg),
     )
 
 
 def _adamw(params: ParamGroups, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
-        params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay, foreach=True
+        params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay, **_kernel(params, cfg)
     )
 
 
@@ -75,7 +117,10 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> ParamGroups:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The configured optimizer over every trainable parameter of ``model``."""
-    return OPTIMIZERS[cfg.optimizer](param_groups(model, cfg), cfg)
+    optimizer = OPTIMIZERS[cfg.optimizer](param_groups(model, cfg), cfg)
+    if optimizer.defaults.get("fused"):
+        optimizer.register_step_pre_hook(_layouts_of_params)
+    return optimizer
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, epoch: int | None = None) -> None:

@@ -78,3 +78,41 @@ def test_one_group_by_default_and_plain_sgd_strategies_refuse_the_options():
             resolve_config(None, {key: value, "sync": "butterfly"})
     with pytest.raises(ConfigError, match="nesterov"):
         resolve_config(None, {"nesterov": True, "momentum": 0.0})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_sgd_runs_the_fused_kernel_except_under_fp16s_gradient_scaler(precision):
+    model = get_model("airbench94", 10, width=0.125)
+    opt = build_optimizer(model, resolve_config(None, {"precision": precision}))
+    # torch 2.14's fused SGD, skipping a first step on inf, leaves momentum uninitialised
+    assert bool(opt.defaults.get("fused")) is (precision != "fp16")
+    assert bool(opt.defaults.get("foreach")) is (precision == "fp16")
+
+
+def test_fused_sgd_steps_a_channels_last_model_with_a_restored_contiguous_momentum():
+    # load_state_dict restores momentum contiguous; torch's fused CPU kernel would then
+    # update the wrong elements of every channels_last conv weight
+    torch.manual_seed(0)
+    cfg = resolve_config(None, {"precision": "fp32", "lr": 0.1})
+    models = [get_model("airbench94", 10, width=0.125).to(memory_format=torch.channels_last)]
+    models.append(get_model("airbench94", 10, width=0.125).to(memory_format=torch.channels_last))
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], cfg)
+    trained = [p for p in models[1].parameters() if p.requires_grad]
+    plain = torch.optim.SGD(trained, lr=0.1, momentum=cfg.momentum,
+                            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)  # fmt: skip
+    assert fused.defaults["fused"]
+    for model, opt in zip(models, (fused, plain)):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+    state = fused.state_dict()
+    for entry in state["state"].values():
+        entry["momentum_buffer"] = entry["momentum_buffer"].contiguous()
+    fused.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    for model, opt in zip(models, (fused, plain)):
+        model(x).sum().backward()
+        opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
