@@ -26,6 +26,12 @@ Step 3 overlaps the next forward pass: nothing waits for the all-gathers in ``st
 forward pre-hook on each layer waits for its bucket's gather and copies the updated weights
 in just before the layer runs, so the last layers' gathers hide behind the first layers'
 forward. :meth:`Butterfly.flush` completes them all (before evaluation and checkpoints).
+
+On NCCL steps 1 and 3 are NCCL's own ``reduce_scatter`` and ``all_gather``. On gloo they are
+the paper's direct form, point to point (:func:`~deepimage.parallel.collectives.
+direct_reduce_scatter`): rank k receives part k from every rank and sends its reduced part
+back to every rank, the same ``(N-1)/N`` bytes each way; gloo's own reduce-scatter and
+all-gather took 1.9x and 3.1x as long for VGG-16's gradient (``benchmarks/collectives.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +47,12 @@ from torch import nn
 
 from deepimage.parallel import dist as pdist
 from deepimage.parallel.base import SyncStrategy, ring_bytes, sgd_update_many_
-from deepimage.parallel.collectives import all_gather_into, reduce_scatter_into
+from deepimage.parallel.collectives import (
+    all_gather_into,
+    direct_all_gather,
+    direct_reduce_scatter,
+    reduce_scatter_into,
+)
 
 
 @dataclass
@@ -101,6 +112,8 @@ class Butterfly(SyncStrategy):
         self.buckets = make_buckets(sizes, max(1, int(bucket_mb * 2**20 / 4)), self.world)
         self.momentum: list[torch.Tensor | None] = [None] * len(self.buckets)
         self.device = pdist.comm_device()
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self.direct = self.device.type == "cpu"  # gloo: point-to-point (see the docstring)
         self._bucket_of = {i: b.index for b in self.buckets for i in b.params}
         self._ready = [0] * len(self.buckets)  # gradients accumulated this step, per bucket
         self._inflight: list[tuple[torch.Tensor, torch.Tensor, Any] | None] = [None] * len(
@@ -148,14 +161,36 @@ class Butterfly(SyncStrategy):
     def gradient_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.params)
 
-    def _flat(self, bucket: Bucket, grads: bool) -> torch.Tensor:
-        flat = torch.zeros(bucket.padded, dtype=torch.float32, device=self.device)
+    def _buffer(self, kind: str, bucket: Bucket, *shape: int) -> torch.Tensor:
+        """The bucket's persistent ``kind`` buffer: every step writes the same memory (a
+        fresh 100 MB buffer costs ~60 ms of page faults on CPU, as much as the exchange).
+        Each is free again before its next use: the gradient and reduced part once ``step``
+        has waited for the reduction, the parameters once the gather has been settled."""
+        key = (kind, bucket.index)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            self._buffers[key] = buf
+        return buf
+
+    def _flat(
+        self, bucket: Bucket, grads: bool, span: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The bucket's gradients (or parameters) flattened into its persistent buffer; with
+        ``span`` only the elements in ``[start, stop)`` are written (the rest is stale)."""
+        flat = self._buffer("grad" if grads else "param", bucket, bucket.padded)
+        lo, hi = span or (0, bucket.padded)
+        flat[max(lo, bucket.numel) : hi].zero_()  # padding
         for i, off in zip(bucket.params, bucket.offsets):
             p = self.params[i]
+            a, z = max(lo, off), min(hi, off + p.numel())
+            if a >= z:
+                continue
             src = p.grad if grads else p.detach()
             if src is None:  # a parameter without gradient this step contributes zeros
-                continue
-            flat[off : off + p.numel()].copy_(src.reshape(-1))
+                flat[a:z].zero_()
+            else:
+                flat[a:z].copy_(src.reshape(-1)[a - off : z - off])
         return flat
 
     @contextlib.contextmanager
@@ -193,12 +228,17 @@ class Butterfly(SyncStrategy):
     def _launch(self, b: Bucket) -> None:
         n = self.world
         grad = self._flat(b, grads=True)
-        out = torch.empty(b.part, dtype=grad.dtype, device=self.device)
+        out = self._buffer("reduced", b, b.part)
         work = None
         if n > 1:
             self.stats.record("reduce_scatter", ring_bytes("rs", grad.numel() * 4, n))
             with pdist.guard("reduce_scatter"):
-                work = reduce_scatter_into(out, grad, async_op=True)
+                if self.direct:
+                    received = self._buffer("received", b, n - 1, b.part)
+                    tag = 2 * b.index
+                    work = direct_reduce_scatter(out, grad, self.rank, n, tag, received)
+                else:
+                    work = reduce_scatter_into(out, grad, async_op=True)
         else:
             out.copy_(grad)
         self._inflight[b.index] = (grad, out, work)
@@ -224,17 +264,21 @@ class Butterfly(SyncStrategy):
                 if n > 1:
                     out.div_(n)
                 start, stop = b.owned(self.rank)
-                flat = self._flat(b, grads=False)
+                flat = self._flat(b, grads=False, span=(start, stop))  # the rest: gathered
                 mine = flat[start:stop]
                 self.momentum[b.index] = sgd_update_many_(
                     [mine], [out], [self.momentum[b.index]], **hyper
                 )[0]
-                part = mine.clone()
+                part = mine if self.direct else mine.clone()  # gloo's gather: no aliasing
                 work = None
                 if n > 1:
                     self.stats.record("all_gather", ring_bytes("ag", flat.numel() * 4, n))
                     with pdist.guard("all_gather"):
-                        work = all_gather_into(flat, part, async_op=True)
+                        if self.direct:
+                            tag = 2 * b.index + 1
+                            work = direct_all_gather(flat, part, self.rank, n, tag=tag)
+                        else:
+                            work = all_gather_into(flat, part, async_op=True)
                 self._gathers[b.index] = (flat, part, work)  # awaited by the next forward
 
     @torch.no_grad()

@@ -8,7 +8,8 @@ bytes a ring sends (:class:`~deepimage.parallel.base.CommStats`) where it is iss
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,79 @@ from deepimage.parallel.base import CommStats, ring_bytes
 # torch 2.14 renames the single-tensor collectives; older versions have only the old names
 all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class DirectWork:
+    """The handle of a collective built from point-to-point transfers: :meth:`wait`
+    completes every transfer, then the local step that finishes the collective."""
+
+    def __init__(self, works: list[Any], finish: Callable[[], None] | None = None) -> None:
+        self.works, self.finish = works, finish
+
+    def wait(self, timeout: Any = None) -> bool:
+        for work in self.works:
+            work.wait()
+        self.works = []
+        if self.finish is not None:
+            finish, self.finish = self.finish, None
+            finish()
+        return True
+
+
+def direct_reduce_scatter(
+    out: torch.Tensor,
+    flat: torch.Tensor,
+    rank: int,
+    world: int,
+    tag: int,
+    received: torch.Tensor | None = None,
+) -> DirectWork:
+    """The paper's butterfly reduction, asynchronously: part ``j`` of ``flat`` goes to rank
+    ``j``, and rank ``rank`` sums the N parts ``rank`` it receives into ``out``.
+
+    Every rank sends ``(N-1)/N`` of ``flat``, as a ring reduce-scatter does, in independent
+    transfers; on gloo (CPU) faster than its ``reduce_scatter_tensor``
+    (``benchmarks/collectives.py``). The sum runs in rank order, so it is the same on every
+    rank and every run. ``received`` is an ``(N-1, part)`` buffer to receive into (a caller
+    that exchanges every step keeps one: fresh memory costs a page fault per 4 KiB). ``flat``
+    must stay unchanged until :meth:`DirectWork.wait`."""
+    part = out.numel()
+    chunks = flat.view(world, part)
+    if received is None:
+        received = torch.empty((world - 1, part), dtype=flat.dtype, device=flat.device)
+    works, parts = [], []
+    for peer in range(world):
+        if peer == rank:
+            parts.append(chunks[rank])
+            continue
+        slot = received[len(parts) - (1 if len(parts) > rank else 0)]
+        works.append(dist.isend(chunks[peer], peer, tag=tag))
+        works.append(dist.irecv(slot, peer, tag=tag))
+        parts.append(slot)
+
+    def finish() -> None:
+        out.copy_(parts[0])
+        for r in range(1, world):
+            out.add_(parts[r])
+
+    return DirectWork(works, finish)
+
+
+def direct_all_gather(
+    flat: torch.Tensor, mine: torch.Tensor, rank: int, world: int, tag: int
+) -> DirectWork:
+    """Every rank's ``mine`` into its slot of ``flat`` (``world`` equal parts), by sending
+    ``mine`` to every other rank and receiving each of theirs in place: the broadcast back
+    of the paper's butterfly, ``(N-1)/N`` of ``flat`` sent per rank."""
+    slots = flat.view(world, mine.numel())
+    if mine.data_ptr() != slots[rank].data_ptr():
+        slots[rank].copy_(mine.reshape(-1))
+    works = []
+    for peer in range(world):
+        if peer != rank:
+            works.append(dist.isend(slots[rank], peer, tag=tag))
+            works.append(dist.irecv(slots[peer], peer, tag=tag))
+    return DirectWork(works)
 
 
 def gather_rows_raw(x: torch.Tensor, counts: Sequence[int], op: str) -> torch.Tensor:

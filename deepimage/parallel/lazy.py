@@ -37,6 +37,7 @@ class _Layer:
     params: list[int]  # indices into the strategy's parameter list
     ready: int = 0
     pending: Any = None  # (work, flat gradient, lr) while an exchange is in flight
+    flat: torch.Tensor | None = None  # the exchange buffer, reused once the update is applied
     handles: list[Any] = field(default_factory=list)
 
 
@@ -103,13 +104,19 @@ class LazyUpdate(SyncStrategy):
             self._apply(layer)
         start = time.perf_counter()
         layer.ready = 0
-        grads = []
+        if layer.flat is None:  # the layer's own buffer, written every step: no page faults
+            n = sum(self.params[i].numel() for i in layer.params)
+            layer.flat = torch.empty(n, dtype=torch.float32, device=self.device)
+        flat, offset = layer.flat, 0
         for i in layer.params:
             p = self.params[i]
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            grads.append(g.reshape(-1).to(self.device, torch.float32))
+            segment = flat[offset : offset + p.numel()]
+            offset += p.numel()
+            if p.grad is None:
+                segment.zero_()
+            else:
+                segment.copy_(p.grad.reshape(-1))
             p.grad = None
-        flat = torch.cat(grads)
         work = None
         if self.world > 1:
             self.stats.record("all_reduce", ring_bytes("all_reduce", flat.numel() * 4, self.world))

@@ -31,7 +31,8 @@ class WireCounter:
     :meth:`install` wraps ``torch.distributed``'s collectives (and every alias of them that an
     already imported ``deepimage`` module holds) so that each call adds what a ring algorithm
     sends for the tensors it is given: all-reduce ``2 (N - 1) / N`` of the buffer,
-    reduce-scatter ``(N - 1) / N`` of the input, all-gather ``(N - 1) / N`` of the output.
+    reduce-scatter ``(N - 1) / N`` of the input, all-gather ``(N - 1) / N`` of the output,
+    a point-to-point send its tensor.
     Only calls made inside :meth:`counting` are counted.
     """
 
@@ -57,6 +58,7 @@ class WireCounter:
             "all_gather_into_tensor": gather_into,
             "all_gather_single": gather_into,
             "all_gather": lambda n, outs, t, *a, **k: (n - 1) * size(t),
+            "isend": lambda n, t, *a, **k: size(t),  # point to point: the tensor itself
         }
 
     def install(self) -> None:
@@ -210,6 +212,8 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
             "n_layers": len(getattr(strategy, "layers", [])),
             "pending_after_backward": pending_after_backward,
             "launched_before_input_grad": launched_before_input_grad,
+            # a direct (point-to-point) reduce-scatter issues one send to every other rank
+            "calls_per_bucket": world - 1 if getattr(strategy, "direct", False) else 1,
         }
         if sync == "butterfly":
             info["ownership"] = strategy.ownership
