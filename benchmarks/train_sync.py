@@ -10,7 +10,9 @@ and reads the second epoch's images/s from ``RUN/metrics.jsonl``: the global bat
 images over the epoch's wall time, every step whole (forward, backward, exchange, update,
 the epoch's last deferred exchange included), after start-up, data preparation and the first
 epoch's warm-up (the marginal rate of a long run). Prints the median and range per sync and
-each one's ratio to ddp.
+each one's ratio to ddp. ``ceiling`` runs N independent one-process trainings at the per-rank
+batch at the same time (the same compute, the same cores, no exchange): the summed images/s
+is the most any gradient sync could reach on this machine.
 
     OMP_NUM_THREADS=1 python benchmarks/train_sync.py \\
         --data ../shared/datasets/flowers12/train --rounds 2
@@ -30,25 +32,60 @@ from pathlib import Path
 from deepimage.bench.report import header, spread
 
 
-def run_once(args: argparse.Namespace, sync: str, out: Path, cache: Path) -> float:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc_per_node", str(args.procs), "-m", "deepimage", "-q", "train",
-        "--data", args.data, "--model", args.model, "--size", str(args.size),
-        "--crop", str(args.crop), "--batch-size", str(args.batch), "--precision", "fp32",
-        "--sync", sync, "--epochs", str(args.epochs), "--workers", "0", "--no-progress",
+def train_args(args: argparse.Namespace, batch: int, out: Path, cache: Path) -> list[str]:
+    return [
+        "-m", "deepimage", "-q", "train", "--data", args.data, "--model", args.model,
+        "--size", str(args.size), "--crop", str(args.crop), "--batch-size", str(batch),
+        "--precision", "fp32", "--epochs", str(args.epochs), "--workers", "0", "--no-progress",
         "--no-tensorboard", "--cache-dir", str(cache), "--out", str(out),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run(cmd, check=True, env=env, capture_output=True)
+
+
+def last_rate(out: Path) -> float:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return float(rows[-1]["images_per_s"])
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def run_once(args: argparse.Namespace, sync: str, out: Path, cache: Path) -> float:
+    if sync == "ceiling":
+        return run_ceiling(args, out, cache)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", str(args.procs)]  # fmt: skip
+    cmd = launcher + train_args(args, args.batch, out, cache)[1:] + ["--sync", sync]
+    subprocess.run(cmd, check=True, env=env(), capture_output=True)
+    return last_rate(out)
+
+
+def run_ceiling(args: argparse.Namespace, out: Path, cache: Path) -> float:
+    """N independent one-process runs at the per-rank batch, at the same time on the same
+    cores: every rank's compute and its own SGD update, no exchange and no waiting. Their
+    summed images/s is what data parallelism with replicated updates could reach here."""
+    procs = [
+        subprocess.Popen([sys.executable, *train_args(args, args.batch // args.procs,
+                                                      out / str(r), cache)],
+                         env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for r in range(args.procs)
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"ceiling run failed: {err.decode()[-2000:]}")
+    return sum(last_rate(out / str(r)) for r in range(args.procs))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
-    p.add_argument("--sync", nargs="+", default=["ddp", "butterfly", "lazy"])
+    p.add_argument(
+        "--sync",
+        nargs="+",
+        default=["ddp", "butterfly", "lazy", "ceiling"],
+        help="strategies; 'ceiling' runs N independent one-process runs at once",
+    )
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=2, help="the last epoch is measured")
