@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepimage.allocator import retain_freed_memory
 from deepimage.data.cache import store_for
 from deepimage.data.loader import eval_batches, iterate_batches
 from deepimage.ensemble import expand_sources, load_members
@@ -184,6 +185,7 @@ def evaluate(
     accuracy under each corruption at each of ``severities`` and their mean
     (``metrics["corruptions"]``, paper 5.5).
     """
+    retain_freed_memory()  # every batch allocates the same activations
     ev = Evaluation(source, data, batch_size=batch_size, workers=workers, device=device,
                     precision=precision, cache_dir=cache_dir, progress=progress, tta=tta,
                     scales=scales)  # fmt: skip

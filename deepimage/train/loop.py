@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from deepimage.allocator import retain_freed_memory
 from deepimage.augment.pipeline import build_train_augment
 from deepimage.config import ConfigError, TrainConfig, config_to_dict, save_config
 from deepimage.data.cache import default_cache_dir, store_for
@@ -755,6 +756,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     A fine-tuning run (``init_from`` or ``trainable``) also writes ``RUN/finetune.json``, and
     its summary holds the same report under ``"finetune"``.
     """
+    retain_freed_memory()  # the same large tensors every step: keep their pages mapped
     trainer = Trainer(cfg)
     try:
         report = trainer.finetune_report  # fine-tuning: what was replaced and frozen
