@@ -50,3 +50,24 @@ def test_a_users_own_malloc_settings_win(monkeypatch):
     monkeypatch.setattr(allocator, "_applied", False)
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
     assert allocator.retain_freed_memory() is False
+
+
+def test_training_and_evaluation_keep_freed_memory(tmp_path, monkeypatch):
+    from deepimage.config import resolve_config
+    from deepimage.evaluate import evaluate as evaluate_module
+    from deepimage.train import loop
+    from tests.helpers import write_flat_folder
+
+    calls = []
+    monkeypatch.setattr(loop, "retain_freed_memory", lambda: calls.append("train"))
+    monkeypatch.setattr(evaluate_module, "retain_freed_memory", lambda: calls.append("evaluate"))
+    data = write_flat_folder(tmp_path / "d", {"a": 4, "b": 4})
+    values = dict(data=str(data), out=str(tmp_path / "run"), model="vgg16_deepimage",
+                  width=0.0625, size=32, crop=32, epochs=1, batch_size=4, workers=0,
+                  progress=False, tensorboard=False, max_steps=1, precision="fp32",
+                  cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    cfg = resolve_config(None, values)
+    loop.train(cfg)
+    evaluate_module.evaluate(tmp_path / "run", str(data), workers=0, progress=False,
+                             cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    assert calls == ["train", "evaluate"]
