@@ -22,6 +22,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -271,6 +272,11 @@ def measure_step_times(
 PROBE_METHOD = "alternating-min"
 
 
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+"""Environment variables that cap the instruction sets oneDNN and ATen use: with them set, a
+CPU with native bf16 runs it emulated, so a probe measured without them does not apply."""
+
+
 class ProbeCache:
     """Probe results in a JSON file, keyed by machine, torch version, model and input size."""
 
@@ -280,7 +286,8 @@ class ProbeCache:
     @staticmethod
     def key(model: str, input_size: int, train: bool, cpu: CpuInfo | None = None) -> str:
         cpu = cpu or cpu_info()
-        machine = f"{cpu.model}|{' '.join(sorted(cpu.flags))}|{torch.get_num_threads()}"
+        isa = "|".join(os.environ.get(v, "") for v in ISA_LIMITS)  # what the kernels may use
+        machine = f"{cpu.model}|{' '.join(sorted(cpu.flags))}|{torch.get_num_threads()}|{isa}"
         digest = hashlib.sha1(machine.encode()).hexdigest()[:12]
         mode = "train" if train else "infer"
         return f"{digest}|torch {torch.__version__}|{model}|{input_size}|{mode}|{PROBE_METHOD}"

@@ -113,6 +113,23 @@ def test_the_probe_runs_once_per_model_and_input_size(tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "precision-probe.json").read_text())) == 3
 
 
+def test_an_instruction_set_cap_gets_its_own_probe(tmp_path, monkeypatch):
+    # ONEDNN_MAX_CPU_ISA=AVX2 runs bf16 emulated on a CPU whose flags say native bf16
+    calls = []
+
+    def fake_measure(model, size, **kwargs):
+        calls.append(size)
+        return {"fp32": 1.0, "bf16": 0.5}
+
+    monkeypatch.setattr(P, "measure_step_times", fake_measure)
+    for var in P.ISA_LIMITS:
+        monkeypatch.delenv(var, raising=False)
+    P.cached_probe(tiny_net(), "tiny", 16, tmp_path)()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    P.cached_probe(tiny_net(), "tiny", 16, tmp_path)()
+    assert calls == [16, 16]
+
+
 # --- through training -------------------------------------------------------------------
 
 
