@@ -97,24 +97,9 @@ def test_the_probe_leaves_the_model_and_the_global_rng_alone():
     assert all(p.grad is None for p in net.parameters())
 
 
-def test_the_probe_runs_once_per_model_and_input_size(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_measure(model, size, **kwargs):
-        calls.append(size)
-        return {"fp32": 1.0, "bf16": 0.5}
-
-    monkeypatch.setattr(P, "measure_step_times", fake_measure)
-    net = tiny_net()
-    for size in (16, 16, 24):
-        assert P.cached_probe(net, "tiny", size, tmp_path)() == {"fp32": 1.0, "bf16": 0.5}
-    P.cached_probe(net, "other", 16, tmp_path)()
-    assert calls == [16, 24, 16]
-    assert len(json.loads((tmp_path / "precision-probe.json").read_text())) == 3
-
-
-def test_an_instruction_set_cap_gets_its_own_probe(tmp_path, monkeypatch):
-    # ONEDNN_MAX_CPU_ISA=AVX2 runs bf16 emulated on a CPU whose flags say native bf16
+@pytest.fixture
+def probe_calls(monkeypatch):
+    """The input sizes the (faked) probe measured, in order."""
     calls = []
 
     def fake_measure(model, size, **kwargs):
@@ -124,10 +109,24 @@ def test_an_instruction_set_cap_gets_its_own_probe(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "measure_step_times", fake_measure)
     for var in P.ISA_LIMITS:
         monkeypatch.delenv(var, raising=False)
+    return calls
+
+
+def test_the_probe_runs_once_per_model_and_input_size(tmp_path, probe_calls):
+    net = tiny_net()
+    for size in (16, 16, 24):
+        assert P.cached_probe(net, "tiny", size, tmp_path)() == {"fp32": 1.0, "bf16": 0.5}
+    P.cached_probe(net, "other", 16, tmp_path)()
+    assert probe_calls == [16, 24, 16]
+    assert len(json.loads((tmp_path / "precision-probe.json").read_text())) == 3
+
+
+def test_an_instruction_set_cap_gets_its_own_probe(tmp_path, monkeypatch, probe_calls):
+    # ONEDNN_MAX_CPU_ISA=AVX2 runs bf16 emulated on a CPU whose flags say native bf16
     P.cached_probe(tiny_net(), "tiny", 16, tmp_path)()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     P.cached_probe(tiny_net(), "tiny", 16, tmp_path)()
-    assert calls == [16, 16]
+    assert probe_calls == [16, 16]
 
 
 # --- through training -------------------------------------------------------------------
