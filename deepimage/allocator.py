@@ -7,8 +7,8 @@ until its threshold has adapted, above 128 KB) with a fresh ``mmap`` and hands i
 a 134 MB gradient here, 10-20% of a CPU training step (``benchmarks/allocator.py``).
 :func:`retain_freed_memory` turns that off for the process (and the loader workers it forks):
 allocations come from the heap, and freed memory stays with the process for the next
-step, as PyTorch's CUDA caching allocator keeps GPU memory. Peak memory is unchanged; memory
-freed after the peak is not returned to the system until the process ends.
+step, as PyTorch's CUDA caching allocator keeps GPU memory. Peak memory moved by 0-5% in that
+benchmark; memory freed after the peak is not returned to the system until the process ends.
 
 Nothing is changed where the C library is not glibc, where ``MALLOC_MMAP_MAX_`` or
 ``MALLOC_TRIM_THRESHOLD_`` are already set (the user's choice wins), or with

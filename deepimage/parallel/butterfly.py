@@ -31,7 +31,7 @@ On NCCL steps 1 and 3 are NCCL's own ``reduce_scatter`` and ``all_gather``. On g
 the paper's direct form, point to point (:func:`~deepimage.parallel.collectives.
 direct_reduce_scatter`): rank k receives part k from every rank and sends its reduced part
 back to every rank, the same ``(N-1)/N`` bytes each way; gloo's own reduce-scatter and
-all-gather took 1.9x and 3.1x as long for VGG-16's gradient (``benchmarks/collectives.py``).
+all-gather took 1.7x and 2.4x as long for VGG-16's gradient (``benchmarks/collectives.py``).
 """
 
 from __future__ import annotations

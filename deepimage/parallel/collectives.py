@@ -65,7 +65,7 @@ def direct_reduce_scatter(
         if peer == rank:
             parts.append(chunks[rank])
             continue
-        slot = received[len(parts) - (1 if len(parts) > rank else 0)]
+        slot = received[peer if peer < rank else peer - 1]  # no slot for this rank
         works.append(dist.isend(chunks[peer], peer, tag=tag))
         works.append(dist.irecv(slot, peer, tag=tag))
         parts.append(slot)
