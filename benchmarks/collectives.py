@@ -6,7 +6,10 @@ times with a barrier before each timed call: gloo's ``all_reduce`` (what ddp and
 issue), ``reduce_scatter_tensor`` and ``all_gather_into_tensor`` (butterfly before), and
 :func:`deepimage.parallel.collectives.direct_reduce_scatter` and ``direct_all_gather``
 (butterfly on gloo now: every rank sends part k to rank k and the reduced part back, point to
-point). Prints rank 0's medians, ranges and ratios.
+point). And lazy update's exchange of a layer both ways it runs: copy the gradient into the
+exchange buffer, gloo's ``all_reduce``, divide by N; or copy it into this rank's slot of a
+:class:`~deepimage.parallel.shm.ShmExchange` and take the mean back (local ranks on CPU).
+Prints rank 0's medians, ranges and ratios.
 
     python benchmarks/collectives.py [--procs 2] [--mb 134.6] [--repeats 7]
 """
@@ -32,6 +35,7 @@ def worker(rank: int, world: int, port: int, mb: float, repeats: int) -> None:
         direct_reduce_scatter,
         reduce_scatter_into,
     )
+    from deepimage.parallel.shm import ShmExchange
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -39,6 +43,21 @@ def worker(rank: int, world: int, port: int, mb: float, repeats: int) -> None:
     part = int(mb * 1e6 / 4) // world
     flat, out = torch.randn(part * world), torch.empty(part)
     received = torch.empty(world - 1, part)  # kept across steps, as butterfly keeps it
+    grad, buffer = torch.randn(part * world), torch.empty(part * world)
+    shm = ShmExchange.create([part * world])
+    if shm is None:
+        raise SystemExit("shared memory is not available here")
+
+    def lazy_gloo() -> None:
+        buffer.copy_(grad)
+        dist.all_reduce(buffer)
+        buffer.div_(world)
+
+    def lazy_shm() -> None:
+        shm.slot(0).copy_(grad)
+        shm.post(0)
+        shm.result(0)
+
     cases = {
         "gloo all_reduce": lambda: dist.all_reduce(flat),
         "gloo reduce_scatter_tensor": lambda: reduce_scatter_into(out, flat),
@@ -47,6 +66,8 @@ def worker(rank: int, world: int, port: int, mb: float, repeats: int) -> None:
         ).wait(),
         "gloo all_gather_into_tensor": lambda: all_gather_into(flat, out),
         "direct all-gather": lambda: direct_all_gather(flat, out, rank, world, 1).wait(),
+        "lazy exchange over gloo": lazy_gloo,
+        "lazy exchange, shared memory": lazy_shm,
     }
     ms: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():
@@ -68,6 +89,8 @@ def worker(rank: int, world: int, port: int, mb: float, repeats: int) -> None:
         print(f"direct reduce-scatter {rs:.2f}x gloo's, direct all-gather {ag:.2f}x gloo's; "
               f"butterfly's pair {both:.1f} ms against one all_reduce "
               f"{med['gloo all_reduce']:.1f} ms")  # fmt: skip
+        lazy = med["lazy exchange over gloo"] / med["lazy exchange, shared memory"]
+        print(f"lazy update's exchange through shared memory {lazy:.2f}x over gloo")
     dist.destroy_process_group()
 
 

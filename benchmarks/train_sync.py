@@ -12,7 +12,9 @@ the epoch's last deferred exchange included), after start-up, data preparation a
 epoch's warm-up (the marginal rate of a long run). Prints the median and range per sync and
 each one's ratio to ddp. ``ceiling`` runs N independent one-process trainings at the per-rank
 batch at the same time (the same compute, the same cores, no exchange): the summed images/s
-is the most any gradient sync could reach on this machine.
+is the most any gradient sync could reach on this machine. ``lazy-gloo`` is lazy update with
+its exchange forced through gloo's all-reduce (``DEEPIMAGE_SHM=0``) instead of shared memory,
+so the gain of the transport shows apart from the gain of the lazy schedule.
 
     OMP_NUM_THREADS=1 python benchmarks/train_sync.py \\
         --data ../shared/datasets/flowers12/train --rounds 2
@@ -46,8 +48,9 @@ def last_rate(out: Path) -> float:
     return float(rows[-1]["images_per_s"])
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+def env(sync: str = "") -> dict[str, str]:
+    extra = {"DEEPIMAGE_SHM": "0"} if sync.endswith("-gloo") else {}
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **extra}
 
 
 def run_once(args: argparse.Namespace, sync: str, out: Path, cache: Path) -> float:
@@ -55,8 +58,9 @@ def run_once(args: argparse.Namespace, sync: str, out: Path, cache: Path) -> flo
         return run_ceiling(args, out, cache)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", str(args.procs)]  # fmt: skip
-    cmd = launcher + train_args(args, args.batch, out, cache)[1:] + ["--sync", sync]
-    subprocess.run(cmd, check=True, env=env(), capture_output=True)
+    cmd = launcher + train_args(args, args.batch, out, cache)[1:]
+    cmd += ["--sync", sync.removesuffix("-gloo")]
+    subprocess.run(cmd, check=True, env=env(sync), capture_output=True)
     return last_rate(out)
 
 
@@ -83,8 +87,9 @@ def main() -> None:
     p.add_argument(
         "--sync",
         nargs="+",
-        default=["ddp", "butterfly", "lazy", "ceiling"],
-        help="strategies; 'ceiling' runs N independent one-process runs at once",
+        default=["ddp", "butterfly", "lazy", "lazy-gloo", "ceiling"],
+        help="strategies; 'ceiling' runs N independent one-process runs at once, "
+        "'lazy-gloo' lazy update over gloo instead of shared memory",
     )
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)

@@ -11,7 +11,12 @@ and wait for it only when the next forward pass reaches that layer.
   checkpoints and the end of training, after which the weights equal synchronous SGD's.
 
 The exchange is one all-reduce per layer (a ring all-reduce is a reduce-scatter followed by
-an all-gather: ``2 (N-1)/N`` x gradient bytes per rank, as for butterfly). The update is
+an all-gather: ``2 (N-1)/N`` x gradient bytes per rank, as for butterfly). When every rank is
+a CPU process of one machine it goes through shared memory instead
+(:class:`~deepimage.parallel.shm.ShmExchange`: the layer's gradient is written once into a
+shared slot, each rank sums its part of the layer, in backward as soon as all ranks have
+posted, or at the latest when the next forward needs the layer); elsewhere through
+torch.distributed. The update is
 applied redundantly on every rank from the identical reduced gradient, so the momentum is
 replicated rather than sharded: sharding it would put the all-gather of updated weights on
 the forward pass's critical path.
@@ -29,12 +34,14 @@ from torch import nn
 
 from deepimage.parallel import dist as pdist
 from deepimage.parallel.base import SyncStrategy, ring_bytes, sgd_update_many_
+from deepimage.parallel.shm import ShmExchange
 
 
 @dataclass
 class _Layer:
     module: nn.Module
     params: list[int]  # indices into the strategy's parameter list
+    index: int  # the layer's position (its shared-memory exchange)
     ready: int = 0
     pending: Any = None  # (work, flat gradient, lr) while an exchange is in flight
     flat: torch.Tensor | None = None  # the exchange buffer, reused once the update is applied
@@ -53,17 +60,32 @@ class LazyUpdate(SyncStrategy):
         """One exchange per layer: no buckets, ``bucket_mb`` is not used."""
         return cls(model, optimizer)
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        shared_memory: bool | None = None,
+    ) -> None:
+        """``shared_memory``: None uses it where every rank can (one host, CPU), False never
+        (torch.distributed's all-reduce), True requires it. Collective: every rank must
+        build the strategy."""
         super().__init__(model, optimizer)
         index = {id(p): i for i, p in enumerate(self.params)}
         self.layers: list[_Layer] = []
         for module in model.modules():
             own = [index[id(p)] for p in module.parameters(recurse=False) if id(p) in index]
             if own:
-                self.layers.append(_Layer(module, own))
+                self.layers.append(_Layer(module, own, len(self.layers)))
         self.momentum: list[torch.Tensor | None] = [None] * len(self.params)
         self.device = pdist.comm_device()
         self._sync = True
+        self.shm: ShmExchange | None = None
+        if self.world > 1 and shared_memory is not False:
+            sizes = [sum(self.params[i].numel() for i in layer.params) for layer in self.layers]
+            self.shm = ShmExchange.create(sizes)
+            if self.shm is None and shared_memory:
+                raise RuntimeError("lazy update: shared-memory exchange is not available here")
         for layer in self.layers:
             layer.handles.append(
                 layer.module.register_forward_pre_hook(
@@ -104,10 +126,14 @@ class LazyUpdate(SyncStrategy):
             self._apply(layer)
         start = time.perf_counter()
         layer.ready = 0
-        if layer.flat is None:  # the layer's own buffer, written every step: no page faults
-            n = sum(self.params[i].numel() for i in layer.params)
-            layer.flat = torch.empty(n, dtype=torch.float32, device=self.device)
-        flat, offset = layer.flat, 0
+        if self.shm is not None:
+            flat = self.shm.slot(layer.index)
+        else:
+            if layer.flat is None:  # the layer's own buffer, written every step: no page faults
+                n = sum(self.params[i].numel() for i in layer.params)
+                layer.flat = torch.empty(n, dtype=torch.float32, device=self.device)
+            flat = layer.flat
+        offset = 0
         for i in layer.params:
             p = self.params[i]
             segment = flat[offset : offset + p.numel()]
@@ -118,7 +144,10 @@ class LazyUpdate(SyncStrategy):
                 segment.copy_(p.grad.reshape(-1))
             p.grad = None
         work = None
-        if self.world > 1:
+        if self.shm is not None:  # nothing on a wire: the other ranks read the slot
+            self.shm.post(layer.index)
+            self.shm.progress()
+        elif self.world > 1:
             self.stats.record("all_reduce", ring_bytes("all_reduce", flat.numel() * 4, self.world))
             with pdist.guard("all_reduce(lazy)"):
                 work = dist.all_reduce(flat, async_op=True)
@@ -136,9 +165,12 @@ class LazyUpdate(SyncStrategy):
         start = time.perf_counter()
         work, flat, hyper = layer.pending
         layer.pending = None
-        pdist.wait(work, "all_reduce(lazy)")
-        if self.world > 1:
-            flat.div_(self.world)
+        if self.shm is not None:
+            flat = self.shm.result(layer.index, "shared-memory exchange(lazy)")
+        else:
+            pdist.wait(work, "all_reduce(lazy)")
+            if self.world > 1:
+                flat.div_(self.world)
         params, grads, offset = [], [], 0
         for i in layer.params:
             p = self.params[i]

@@ -51,3 +51,35 @@ def run_direct(rank: int, world: int, port: int, out: str) -> None:
         report["all_gather"].append(torch.equal(gathered, want))
     Path(out, f"direct-{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
+
+
+def run_shm(rank: int, world: int, port: int, out: str) -> None:
+    from deepimage.parallel.shm import ShmExchange
+
+    setup(rank, world, port)
+    sizes = [1001, 3, 1, 4096]  # one smaller than the world: some ranks own no part of it
+    exchange = ShmExchange.create(sizes)
+    report: dict = {"created": exchange is not None, "mean": [], "rank_order": []}
+    if exchange is not None:
+        for step in range(4):  # each slot rewritten every step, results taken in reverse
+            gen = torch.Generator().manual_seed(100 * step + rank)
+            grads = [torch.randn(n, generator=gen) for n in sizes]
+            for i, g in enumerate(grads):
+                exchange.slot(i).copy_(g)
+                exchange.post(i)
+                exchange.progress()
+            for i in reversed(range(len(sizes))):
+                got = exchange.result(i).clone()
+                everyone = [torch.empty_like(grads[i]) for _ in range(world)]
+                dist.all_gather(everyone, grads[i])
+                ordered = everyone[0].clone()
+                for r in range(1, world):
+                    ordered += everyone[r]
+                ordered /= world
+                want = grads[i].clone()
+                dist.all_reduce(want)
+                report["mean"].append((got - want / world).abs().max().item())
+                report["rank_order"].append(torch.equal(got, ordered))
+        dist.barrier()  # nobody reuses a slot before the last results are read
+    Path(out, f"shm-{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()

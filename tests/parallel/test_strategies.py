@@ -59,6 +59,8 @@ def test_bytes_counted_at_the_collectives(spawned):
         expected = 2 * (world - 1) / world * grad_bytes
         for case in ("ddp-accum1", "lazy-accum1", "lazy-accum2", "ddp-accum2"):
             assert report[case]["wire"] == [expected] * workers.STEPS, case
+        for case in ("lazy_shm-accum1", "lazy_shm-accum2"):  # through memory, not a wire
+            assert report[case]["wire"] == [0.0] * workers.STEPS, case
         buckets = len(report["butterfly-accum1"]["ownership"])
         padding = 2 * (world - 1) / world * buckets * (world - 1) * 4  # < N elements a bucket
         for case in ("butterfly-accum1", "butterfly-accum2"):
@@ -109,7 +111,7 @@ def test_butterfly_ownership_is_explicit_and_sharded(spawned):
 def test_lazy_leaves_exchanges_in_flight_after_backward(spawned):
     _, _, reports = spawned
     for report in reports:
-        for case in ("lazy-accum1", "lazy-accum2"):
+        for case in ("lazy-accum1", "lazy-accum2", "lazy_shm-accum1", "lazy_shm-accum2"):
             info = report[case]
             assert info["pending_after_backward"] == [info["n_layers"]] * workers.STEPS
 
@@ -130,7 +132,7 @@ def test_butterfly_reduce_scatters_start_during_backward(spawned):
             assert all(buckets - 1 <= n <= buckets for n in launched), (case, launched)
 
 
-@pytest.mark.parametrize("sync", ["lazy", "butterfly"])
+@pytest.mark.parametrize("sync", ["lazy", "lazy_shm", "butterfly"])
 def test_deferred_updates_equal_one_process_sgd(tmp_path, sync):
     """Lazy update and butterfly without a flush between steps, as the training loop runs
     them: two gloo processes for DEFERRED_STEPS steps with a learning rate that changes every

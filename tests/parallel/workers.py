@@ -22,7 +22,9 @@ GLOBAL_BATCH = 8
 STEPS = 3
 HYPER = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 SEED = 0
-CASES = [("ddp", 1), ("butterfly", 1), ("lazy", 1), ("butterfly", 2), ("lazy", 2), ("ddp", 2)]
+CASES = [("ddp", 1), ("butterfly", 1), ("lazy", 1), ("butterfly", 2), ("lazy", 2), ("ddp", 2),
+         ("lazy_shm", 1), ("lazy_shm", 2)]  # fmt: skip
+# "lazy": lazy update over torch.distributed's all-reduce; "lazy_shm": over shared memory
 
 
 class WireCounter:
@@ -155,10 +157,19 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def make_strategy(sync: str, model: torch.nn.Module, opt: torch.optim.Optimizer):
+    """The strategy of a case; lazy update over each of its two transports."""
+    from deepimage.parallel.lazy import LazyUpdate
+    from deepimage.parallel.registry import build_strategy
+
+    if sync.startswith("lazy"):
+        return LazyUpdate(model, opt, shared_memory=sync == "lazy_shm")
+    return build_strategy(sync, model, opt, bucket_mb=0.05)
+
+
 def run_strategies(rank: int, world: int, port: int, out: str) -> None:
     """Train each case for STEPS steps on this rank's slice; check ranks agree every step."""
     from deepimage.parallel.base import broadcast_model
-    from deepimage.parallel.registry import build_strategy
     from deepimage.train.step import forward_backward
 
     wire = WireCounter()
@@ -169,7 +180,7 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
         model = build_model()
         broadcast_model(model)
         opt = torch.optim.SGD(model.parameters(), **HYPER)
-        strategy = build_strategy(sync, model, opt, bucket_mb=0.05)
+        strategy = make_strategy(sync, model, opt)
         train_model = strategy.wrap()
         local = GLOBAL_BATCH // world
         lo, hi = rank * local, (rank + 1) * local
@@ -189,7 +200,7 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
                     train_model, x_local, y[lo:hi], accum_steps=accum, precision="fp32",
                     micro_step=strategy.micro_step, dropout_key=(rows[lo:hi], SEED, step),
                 )  # fmt: skip
-                if sync == "lazy":
+                if sync.startswith("lazy"):
                     pending_after_backward.append(
                         sum(layer.pending is not None for layer in strategy.layers)
                     )
@@ -241,14 +252,13 @@ def run_deferred(rank: int, world: int, port: int, out: str, sync: str) -> None:
     butterfly's all-gathers land in the next forward pass), the learning rate changing every
     step, one flush at the end."""
     from deepimage.parallel.base import broadcast_model
-    from deepimage.parallel.registry import build_strategy
     from deepimage.train.step import forward_backward
 
     setup(rank, world, port)
     model = build_model()
     broadcast_model(model)
     opt = torch.optim.SGD(model.parameters(), **HYPER)
-    strategy = build_strategy(sync, model, opt, bucket_mb=0.05)
+    strategy = make_strategy(sync, model, opt)
     local = GLOBAL_BATCH // world
     lo, hi = rank * local, (rank + 1) * local
     in_flight = []
@@ -261,12 +271,12 @@ def run_deferred(rank: int, world: int, port: int, out: str, sync: str) -> None:
         )  # fmt: skip
         strategy.step()
         strategy.zero_grad()
-        if sync == "lazy":
+        if sync.startswith("lazy"):
             in_flight.append(sum(layer.pending is not None for layer in strategy.layers))
         else:
             in_flight.append(strategy.gathers_in_flight)
     strategy.flush()
-    units = len(strategy.layers) if sync == "lazy" else len(strategy.buckets)
+    units = len(strategy.layers) if sync.startswith("lazy") else len(strategy.buckets)
     report = {"in_flight_between_steps": in_flight, "units": units}
     (Path(out) / f"deferred-{sync}-{rank}.json").write_text(json.dumps(report))
     if rank == 0:
@@ -327,7 +337,6 @@ def bn_reference_state(dtype: torch.dtype = torch.float32) -> dict[str, torch.Te
 def run_sync_bn(rank: int, world: int, port: int, out: str) -> None:
     """Train a batch-norm model with synchronised batch norm under each strategy."""
     from deepimage.parallel.base import broadcast_model
-    from deepimage.parallel.registry import build_strategy
     from deepimage.parallel.sync_bn import convert_sync_batchnorm
     from deepimage.train.step import forward_backward
 
@@ -337,7 +346,7 @@ def run_sync_bn(rank: int, world: int, port: int, out: str) -> None:
         model = convert_sync_batchnorm(build_bn_model())
         broadcast_model(model)
         opt = torch.optim.SGD(model.parameters(), **HYPER)
-        strategy = build_strategy(sync, model, opt, bucket_mb=0.05)
+        strategy = make_strategy(sync, model, opt)
         train_model = strategy.wrap()
         local = GLOBAL_BATCH // world
         lo, hi = rank * local, (rank + 1) * local
