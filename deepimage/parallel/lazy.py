@@ -214,3 +214,4 @@ class LazyUpdate(SyncStrategy):
             for handle in layer.handles:
                 handle.remove()
             layer.handles.clear()
+        self.shm = None  # unmapped once its last view is gone
