@@ -116,11 +116,11 @@ def main() -> None:
             for sync in order:
                 rate = run_once(args, sync, root / f"{sync}-{r}", cache)
                 results[sync].append(rate)
-                print(f"round {r + 1} {sync:>9}: {rate:.1f} images/s", flush=True)
+                print(f"round {r + 1} {sync:>14}: {rate:.1f} images/s", flush=True)
     base = statistics.median(results["ddp"]) if "ddp" in results else None
     for sync, rates in results.items():
         ratio = f"  {statistics.median(rates) / base:.2f}x ddp" if base else ""
-        print(f"{sync:>9}: {spread(rates)} images/s{ratio}")
+        print(f"{sync:>14}: {spread(rates)} images/s{ratio}")
 
 
 if __name__ == "__main__":

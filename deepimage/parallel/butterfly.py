@@ -32,6 +32,14 @@ the paper's direct form, point to point (:func:`~deepimage.parallel.collectives.
 direct_reduce_scatter`): rank k receives part k from every rank and sends its reduced part
 back to every rank, the same ``(N-1)/N`` bytes each way; gloo's own reduce-scatter and
 all-gather took 1.7x and 2.4x as long for VGG-16's gradient (``benchmarks/collectives.py``).
+
+Between the CPU processes of one machine the three steps run through shared memory instead
+(:class:`~deepimage.parallel.shm.ShmExchange`): each rank writes a bucket's gradient into
+its slot in backward; rank k, as soon as every rank has posted the bucket (in backward, in
+``step()``, or at the latest in the next forward), sums part k in rank order, applies the
+SGD update to its part and writes the updated weights of part k into the shared result,
+which every rank copies its weights from before the layer's next forward (the broadcast
+back is a read). Nothing goes on a wire.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from deepimage.parallel.collectives import (
     direct_reduce_scatter,
     reduce_scatter_into,
 )
+from deepimage.parallel.shm import ShmExchange
 
 
 @dataclass
@@ -105,11 +114,24 @@ class Butterfly(SyncStrategy):
     name = "butterfly"
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, bucket_mb: float = 25.0
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        bucket_mb: float = 25.0,
+        shared_memory: bool | None = None,
     ) -> None:
+        """``shared_memory``: None uses it where every rank can (one host, CPU), False never
+        (torch.distributed's collectives), True requires it. Collective: every rank must
+        build the strategy."""
         super().__init__(model, optimizer)
         sizes = [p.numel() for p in self.params]
         self.buckets = make_buckets(sizes, max(1, int(bucket_mb * 2**20 / 4)), self.world)
+        self.shm: ShmExchange | None = None
+        if self.world > 1 and shared_memory is not False:
+            self.shm = ShmExchange.create([b.padded for b in self.buckets])
+            if self.shm is None and shared_memory:
+                raise RuntimeError("butterfly: shared-memory exchange is not available here")
         self.momentum: list[torch.Tensor | None] = [None] * len(self.buckets)
         self.device = pdist.comm_device()
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
@@ -174,11 +196,20 @@ class Butterfly(SyncStrategy):
         return buf
 
     def _flat(
-        self, bucket: Bucket, grads: bool, span: tuple[int, int] | None = None
+        self,
+        bucket: Bucket,
+        grads: bool,
+        span: tuple[int, int] | None = None,
+        into: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The bucket's gradients (or parameters) flattened into its persistent buffer; with
-        ``span`` only the elements in ``[start, stop)`` are written (the rest is stale)."""
-        flat = self._buffer("grad" if grads else "param", bucket, bucket.padded)
+        """The bucket's gradients (or parameters) flattened into its persistent buffer (or
+        ``into``); with ``span`` only the elements in ``[start, stop)`` are written (the rest
+        is stale)."""
+        flat = (
+            into
+            if into is not None
+            else self._buffer("grad" if grads else "param", bucket, bucket.padded)
+        )
         lo, hi = span or (0, bucket.padded)
         flat[max(lo, bucket.numel) : hi].zero_()  # padding
         for i, off in zip(bucket.params, bucket.offsets):
@@ -226,6 +257,9 @@ class Butterfly(SyncStrategy):
 
     @torch.no_grad()
     def _launch(self, b: Bucket) -> None:
+        if self.shm is not None:
+            self._launch_shared(b)
+            return
         n = self.world
         grad = self._flat(b, grads=True)
         out = self._buffer("reduced", b, b.part)
@@ -243,6 +277,29 @@ class Butterfly(SyncStrategy):
             out.copy_(grad)
         self._inflight[b.index] = (grad, out, work)
 
+    def _launch_shared(self, b: Bucket) -> None:
+        """Post the bucket's gradient; this rank's part is reduced and updated by
+        :meth:`_update_part` whenever every rank has posted (see the module docstring)."""
+        self._settle([b.index])  # a layer that skipped its forward: last update first
+        slot = self.shm.slot(b.index)
+        self._flat(b, grads=True, into=slot)
+        hyper = self.hyper  # this step's learning rate, whenever the update runs
+        self.shm.post(b.index, lambda part, b=b, hyper=hyper: self._update_part(b, part, hyper))
+        self.shm.progress()
+        self._inflight[b.index] = (slot, slot, None)
+        self._gathers[b.index] = (slot, slot, None)  # settled from the shared result
+
+    def _update_part(self, b: Bucket, part: torch.Tensor, hyper: dict[str, float]) -> None:
+        """``part`` holds the mean gradient of this rank's part: apply SGD to the part's
+        weights and leave them in ``part`` for every rank to copy."""
+        start, stop = b.owned(self.rank)
+        flat = self._flat(b, grads=False, span=(start, stop))
+        mine = flat[start:stop]
+        self.momentum[b.index] = sgd_update_many_(
+            [mine], [part], [self.momentum[b.index]], **hyper
+        )[0]
+        part.copy_(mine)
+
     @property
     def launched(self) -> int:
         """Buckets whose reduce-scatter has started this step."""
@@ -252,6 +309,14 @@ class Butterfly(SyncStrategy):
     def step(self) -> None:
         hyper = self.hyper
         n = self.world
+        if self.shm is not None:
+            with self.stats.blocking():
+                self._launch_ready(everything=True)  # what backward left (unused parameters)
+                self.shm.progress()  # the parts whose gradients are all in: update them now
+                self._inflight = [None] * len(self.buckets)
+                self._ready = [0] * len(self.buckets)
+                self._next = len(self.buckets) - 1
+            return
         with self.stats.blocking():
             self._launch_ready(everything=True)  # what backward left (unused parameters)
             inflight, self._inflight = self._inflight, [None] * len(self.buckets)
@@ -291,7 +356,10 @@ class Butterfly(SyncStrategy):
             self._gathers[index] = None
             start = time.perf_counter()
             flat, _, work = pending
-            pdist.wait(work, "all_gather")
+            if self.shm is not None:
+                flat = self.shm.result(index, "shared-memory exchange(butterfly)")
+            else:
+                pdist.wait(work, "all_gather")
             b = self.buckets[index]
             for i, off in zip(b.params, b.offsets):
                 p = self.params[i]
@@ -315,11 +383,14 @@ class Butterfly(SyncStrategy):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.shm = None  # unmapped once its last view is gone
 
     # full optimizer state, independent of the world size ---------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Gather the sharded momentum into one buffer per parameter (collective)."""
+        if self.shm is not None:  # a part's update (and its momentum) may still be pending
+            self._settle(list(range(len(self.buckets))))
         if all(m is None for m in self.momentum):
             return self._sgd_state_dict([None] * len(self.params))
         buffers: list[torch.Tensor | None] = [None] * len(self.params)

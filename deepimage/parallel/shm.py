@@ -36,7 +36,8 @@ import torch
 from deepimage.parallel import dist as pdist
 
 SHM_DIR = Path("/dev/shm")
-_POLL_S = 2e-5  # a waiting rank yields the core between polls
+_POLL_S = 2e-5  # a waiting rank yields the core between polls, first for 20 us,
+_POLL_MAX_S = 5e-4  # doubling up to 0.5 ms (many ranks on few cores: leave them the CPU)
 _CHECK_PEERS_S = 0.2  # and looks for dead peers this often
 
 
@@ -110,6 +111,7 @@ class ShmExchange:
         self.seq = [0] * count  # exchanges of index i this rank has posted
         self._done = [0] * count  # the last exchange of i whose part this rank reduced
         self._open: list[int] = []  # posted, not yet reduced by this rank, in post order
+        self._finish: list[Callable[[torch.Tensor], None] | None] = [None] * count
 
     @staticmethod
     def nbytes(sizes: Sequence[int], world: int) -> int:
@@ -174,24 +176,36 @@ class ShmExchange:
         lo = self.offsets[i]
         return self._slots[self.rank, lo : lo + self.sizes[i]]
 
-    def post(self, i: int) -> None:
-        """Announce that :meth:`slot` ``i`` holds this rank's next gradient."""
+    def post(self, i: int, finish: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Announce that :meth:`slot` ``i`` holds this rank's next gradient.
+
+        ``finish``, if given, is called with this rank's part of the mean once it is
+        computed, before the other ranks may read it, and may overwrite it: butterfly turns
+        the mean gradient of its part into the updated weights of its part there."""
         self.seq[i] += 1
+        self._finish[i] = finish
         self._posted[i, self.rank] = self.seq[i]
         self._open.append(i)
 
-    def _part(self, i: int, r: int) -> tuple[int, int]:
+    def part(self, i: int, rank: int | None = None) -> tuple[int, int]:
+        """``[start, stop)`` of exchange ``i`` that ``rank`` (this one by default) reduces:
+        the N parts of ``sizes[i] * r // N`` to ``sizes[i] * (r + 1) // N``."""
+        r = self.rank if rank is None else rank
         n = self.sizes[i]
-        return self.offsets[i] + r * n // self.world, self.offsets[i] + (r + 1) * n // self.world
+        return r * n // self.world, (r + 1) * n // self.world
 
     def _reduce(self, i: int) -> None:
-        lo, hi = self._part(i, self.rank)
+        start, stop = self.part(i)
+        lo, hi = self.offsets[i] + start, self.offsets[i] + stop
+        out = self._result[lo:hi]
         if hi > lo:
-            out = self._result[lo:hi]
             torch.add(self._slots[0, lo:hi], self._slots[1, lo:hi], out=out)
             for r in range(2, self.world):
                 out.add_(self._slots[r, lo:hi])
             out.div_(self.world)
+        finish, self._finish[i] = self._finish[i], None
+        if finish is not None:
+            finish(out)
         self._done[i] = self.seq[i]
         self._reduced[i, self.rank] = self.seq[i]
         self._open.remove(i)
@@ -206,7 +220,8 @@ class ShmExchange:
                 self._reduce(i)
 
     def result(self, i: int, op: str = "shared-memory exchange") -> torch.Tensor:
-        """The mean over the ranks of exchange ``i`` (waits for the other ranks)."""
+        """The mean over the ranks of exchange ``i``, each part as its reducer's ``finish``
+        left it (waits for the other ranks)."""
         if self.seq[i] == 0:
             raise RuntimeError(f"{op}: exchange {i} was never posted")
         # progress() reduces this rank's part once every rank has posted
@@ -217,6 +232,7 @@ class ShmExchange:
 
     def _wait(self, ready: Callable[[], bool], op: str, what: str) -> None:
         start = check = None
+        pause = _POLL_S
         while True:
             self.progress()  # this rank's share of every exchange that is ready
             if ready():
@@ -227,7 +243,8 @@ class ShmExchange:
             elif now - check > _CHECK_PEERS_S:
                 check = now
                 self._check_peers(op, now - start, what)
-            time.sleep(_POLL_S)
+            time.sleep(pause)
+            pause = min(2 * pause, _POLL_MAX_S)
 
     def _check_peers(self, op: str, waited: float, what: str) -> None:
         """Fail as a lost collective does: naming this rank, the operation and the cause."""

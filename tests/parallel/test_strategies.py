@@ -59,7 +59,8 @@ def test_bytes_counted_at_the_collectives(spawned):
         expected = 2 * (world - 1) / world * grad_bytes
         for case in ("ddp-accum1", "lazy-accum1", "lazy-accum2", "ddp-accum2"):
             assert report[case]["wire"] == [expected] * workers.STEPS, case
-        for case in ("lazy_shm-accum1", "lazy_shm-accum2"):  # through memory, not a wire
+        for case in ("lazy_shm-accum1", "lazy_shm-accum2", "butterfly_shm-accum1",
+                     "butterfly_shm-accum2"):  # through memory, not a wire  # fmt: skip
             assert report[case]["wire"] == [0.0] * workers.STEPS, case
         buckets = len(report["butterfly-accum1"]["ownership"])
         padding = 2 * (world - 1) / world * buckets * (world - 1) * 4  # < N elements a bucket
@@ -70,10 +71,11 @@ def test_bytes_counted_at_the_collectives(spawned):
             assert info["bytes"] == pytest.approx(info["wire"], rel=1e-9), case
 
 
-def test_butterfly_ownership_is_explicit_and_sharded(spawned):
+@pytest.mark.parametrize("case", ["butterfly-accum1", "butterfly_shm-accum1"])
+def test_butterfly_ownership_is_explicit_and_sharded(spawned, case):
     world, out, reports = spawned
     for rank, report in enumerate(reports):
-        info = report["butterfly-accum1"]
+        info = report[case]
         assert len(info["ownership"]) > 1  # several buckets, in layer order
         names = [n for bucket in info["ownership"] for n in bucket["params"]]
         model = workers.build_model()
@@ -96,7 +98,7 @@ def test_butterfly_ownership_is_explicit_and_sharded(spawned):
         forward_backward(ref_model, x, y, precision="fp32", dropout_key=(rows, workers.SEED, step))
         opt.step()
         opt.zero_grad()
-    gathered = load_file(out / "butterfly-accum1-momentum.safetensors")
+    gathered = load_file(out / f"{case}-momentum.safetensors")
     refs = [opt.state[p]["momentum_buffer"] for p in ref_model.parameters()]
     # The whole momentum within RTOL of its largest entry, and each tensor within 10 x RTOL of
     # its own: a bias whose momentum is a near-cancelling sum of ~1e-6 terms meets 1e-5 of
@@ -123,7 +125,8 @@ def test_butterfly_reduce_scatters_start_during_backward(spawned):
     are called); launching them all in step() would leave none."""
     _, _, reports = spawned
     for report in reports:
-        for case in ("butterfly-accum1", "butterfly-accum2"):
+        for case in ("butterfly-accum1", "butterfly-accum2", "butterfly_shm-accum1",
+                     "butterfly_shm-accum2"):  # fmt: skip
             info = report[case]
             buckets = len(info["ownership"])
             assert buckets > 2
@@ -132,7 +135,7 @@ def test_butterfly_reduce_scatters_start_during_backward(spawned):
             assert all(buckets - 1 <= n <= buckets for n in launched), (case, launched)
 
 
-@pytest.mark.parametrize("sync", ["lazy", "lazy_shm", "butterfly"])
+@pytest.mark.parametrize("sync", ["lazy", "lazy_shm", "butterfly", "butterfly_shm"])
 def test_deferred_updates_equal_one_process_sgd(tmp_path, sync):
     """Lazy update and butterfly without a flush between steps, as the training loop runs
     them: two gloo processes for DEFERRED_STEPS steps with a learning rate that changes every

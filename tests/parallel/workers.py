@@ -23,8 +23,8 @@ STEPS = 3
 HYPER = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 SEED = 0
 CASES = [("ddp", 1), ("butterfly", 1), ("lazy", 1), ("butterfly", 2), ("lazy", 2), ("ddp", 2),
-         ("lazy_shm", 1), ("lazy_shm", 2)]  # fmt: skip
-# "lazy": lazy update over torch.distributed's all-reduce; "lazy_shm": over shared memory
+         ("lazy_shm", 1), ("lazy_shm", 2), ("butterfly_shm", 1), ("butterfly_shm", 2)]  # fmt: skip
+# "lazy" and "butterfly" over torch.distributed; "lazy_shm" and "butterfly_shm" over shared memory
 
 
 class WireCounter:
@@ -158,12 +158,16 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
 
 
 def make_strategy(sync: str, model: torch.nn.Module, opt: torch.optim.Optimizer):
-    """The strategy of a case; lazy update over each of its two transports."""
+    """The strategy of a case; lazy update and butterfly over each of their two transports."""
+    from deepimage.parallel.butterfly import Butterfly
     from deepimage.parallel.lazy import LazyUpdate
     from deepimage.parallel.registry import build_strategy
 
+    shared = sync.endswith("_shm")
     if sync.startswith("lazy"):
-        return LazyUpdate(model, opt, shared_memory=sync == "lazy_shm")
+        return LazyUpdate(model, opt, shared_memory=shared)
+    if sync.startswith("butterfly"):
+        return Butterfly(model, opt, bucket_mb=0.05, shared_memory=shared)
     return build_strategy(sync, model, opt, bucket_mb=0.05)
 
 
@@ -195,6 +199,10 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
             if sync == "butterfly":  # collectives issued when backward reaches the input
                 x_local = x_local.clone().requires_grad_(True)
                 x_local.register_hook(lambda g, seen=seen: seen.append(wire.calls))
+            elif sync == "butterfly_shm":  # buckets posted when backward reaches the input
+                before = 0
+                x_local = x_local.clone().requires_grad_(True)
+                x_local.register_hook(lambda g, seen=seen, s=strategy: seen.append(s.launched))
             with wire.counting():
                 forward_backward(
                     train_model, x_local, y[lo:hi], accum_steps=accum, precision="fp32",
@@ -224,9 +232,13 @@ def run_strategies(rank: int, world: int, port: int, out: str) -> None:
             "pending_after_backward": pending_after_backward,
             "launched_before_input_grad": launched_before_input_grad,
             # a direct (point-to-point) reduce-scatter issues one send to every other rank
-            "calls_per_bucket": world - 1 if getattr(strategy, "direct", False) else 1,
+            "calls_per_bucket": 1
+            if getattr(strategy, "shm", None) is not None
+            else world - 1
+            if getattr(strategy, "direct", False)
+            else 1,
         }
-        if sync == "butterfly":
+        if sync.startswith("butterfly"):
             info["ownership"] = strategy.ownership
             info["momentum_numel"] = [m.numel() for m in strategy.momentum]
             full = strategy.state_dict()  # gathered: must equal a torch.optim.SGD state
