@@ -24,6 +24,7 @@ communication device is the CPU; otherwise callers keep torch.distributed's coll
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -34,6 +35,8 @@ from pathlib import Path
 import torch
 
 from deepimage.parallel import dist as pdist
+
+logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 _POLL_S = 2e-5  # a waiting rank yields the core between polls, first for 20 us,
@@ -133,10 +136,18 @@ class ShmExchange:
             reason = "the ranks do not see each other's processes"
         reasons = pdist.all_gather_object(reason, op="all_gather(shm support)")
         if any(reasons):
+            if rank == 0:
+                why = next(r for r in reasons if r)
+                logger.info("gradient exchange through torch.distributed: %s", why)
             return None
         name = None
         if rank == 0:
             name = cls._make_files(sizes, world)
+            if name is None:
+                logger.info(
+                    "gradient exchange through torch.distributed: %s lacks %.0f MB free",
+                    SHM_DIR, 2 * cls.nbytes(sizes, world) / 1e6,
+                )  # fmt: skip
         name = pdist.broadcast_object(name, op="broadcast(shm name)")
         failure = None
         exchange = None
