@@ -8,12 +8,15 @@ is the paper's butterfly without a wire:
 * each rank writes its gradient into its own slot and raises its *posted* counter;
 * rank k sums part k of every rank's slot, in rank order, into the shared result, divides by
   N, and raises its *reduced* counter (the reduce-scatter);
-* every rank reads the whole mean from the result (the broadcast back costs nothing).
+* every rank reads the whole mean from the result (the broadcast back costs nothing); a
+  ``finish`` callback may first turn rank k's part into something else (butterfly leaves the
+  updated weights of part k there).
 
 Per rank that is ``(N-1)/N`` of the gradient read from the others and ``1/N`` written: no
-copies beyond the one into the slot, no system calls. Counters only grow (one per exchange),
-so a slot is never rewritten before every rank has reduced it: a rank writes exchange ``s + 1``
-only after it has consumed the result of ``s``, which needs every rank's reduction of ``s``.
+copies beyond the one into the slot, no system calls on the data path. Counters only grow
+(one per exchange), so a slot is never rewritten before every rank has reduced it: a rank
+writes exchange ``s + 1`` only after it has consumed the result of ``s``, which needs every
+rank's reduction of ``s``.
 
 The counters are plain aligned 8-byte stores and loads ordered by x86-64's memory model (stores
 are seen in program order, loads are not reordered with loads), so :meth:`ShmExchange.create`
@@ -167,17 +170,19 @@ class ShmExchange:
     @staticmethod
     def _make_files(sizes: Sequence[int], world: int) -> str | None:
         need = ShmExchange.nbytes(sizes, world)
+        name = f"deepimage-{uuid.uuid4().hex}"
         try:
             stat = os.statvfs(SHM_DIR)
             if stat.f_bavail * stat.f_frsize < 2 * need:  # leave room for everything else
                 return None
-            name = f"deepimage-{uuid.uuid4().hex}"
             floats = 4 * (world + 1) * sum(int(n) for n in sizes)
             for suffix, size in (("", floats), (".seq", need - floats)):
                 with open(SHM_DIR / (name + suffix), "wb") as f:
                     f.truncate(size)
             return name
         except OSError:
+            for suffix in ("", ".seq"):  # leave nothing behind
+                (SHM_DIR / (name + suffix)).unlink(missing_ok=True)
             return None
 
     # ---------------------------------------------------------------------------------------
