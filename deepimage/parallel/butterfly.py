@@ -127,11 +127,8 @@ class Butterfly(SyncStrategy):
         super().__init__(model, optimizer)
         sizes = [p.numel() for p in self.params]
         self.buckets = make_buckets(sizes, max(1, int(bucket_mb * 2**20 / 4)), self.world)
-        self.shm: ShmExchange | None = None
-        if self.world > 1 and shared_memory is not False:
-            self.shm = ShmExchange.create([b.padded for b in self.buckets])
-            if self.shm is None and shared_memory:
-                raise RuntimeError("butterfly: shared-memory exchange is not available here")
+        padded = [b.padded for b in self.buckets]
+        self.shm = ShmExchange.for_strategy(padded, shared_memory, "butterfly")
         self.momentum: list[torch.Tensor | None] = [None] * len(self.buckets)
         self.device = pdist.comm_device()
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}

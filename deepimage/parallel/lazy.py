@@ -80,12 +80,8 @@ class LazyUpdate(SyncStrategy):
         self.momentum: list[torch.Tensor | None] = [None] * len(self.params)
         self.device = pdist.comm_device()
         self._sync = True
-        self.shm: ShmExchange | None = None
-        if self.world > 1 and shared_memory is not False:
-            sizes = [sum(self.params[i].numel() for i in layer.params) for layer in self.layers]
-            self.shm = ShmExchange.create(sizes)
-            if self.shm is None and shared_memory:
-                raise RuntimeError("lazy update: shared-memory exchange is not available here")
+        sizes = [sum(self.params[i].numel() for i in layer.params) for layer in self.layers]
+        self.shm = ShmExchange.for_strategy(sizes, shared_memory, "lazy update")
         for layer in self.layers:
             layer.handles.append(
                 layer.module.register_forward_pre_hook(

@@ -124,6 +124,20 @@ class ShmExchange:
         return 4 * (world + 1) * sum(int(n) for n in sizes) + 16 * len(sizes) * world
 
     @classmethod
+    def for_strategy(
+        cls, sizes: Sequence[int], shared_memory: bool | None, who: str
+    ) -> ShmExchange | None:
+        """A strategy's choice: None lets :meth:`create` decide, False keeps
+        torch.distributed, True requires shared memory (``who`` names the strategy in the
+        error). Collective where it creates: every rank must call it alike."""
+        if pdist.world_size() <= 1 or shared_memory is False:
+            return None
+        exchange = cls.create(sizes)
+        if exchange is None and shared_memory:
+            raise RuntimeError(f"{who}: shared-memory exchange is not available here")
+        return exchange
+
+    @classmethod
     def create(cls, sizes: Sequence[int]) -> ShmExchange | None:
         """One exchange shared by every rank of the job, or None (on every rank alike) where
         shared memory cannot serve it. Collective: every rank must call it."""
